@@ -1,0 +1,59 @@
+"""Finding and composing recipes (hydra configs shipped in the ``recipes`` package)."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+from alignkit.config import RunConfig, build_config
+
+CONFIG_GROUPS = ("backbone", "reward", "algo", "train", "prompts")
+DEFAULT_RECIPE = "default"
+
+
+def recipes_dir() -> Path:
+    import recipes
+
+    return Path(recipes.__file__).parent
+
+
+def list_recipes(root: Path | None = None) -> list[str]:
+    """Recipe names (paths under ``recipes/`` without ``.yaml``), found recursively; group files excluded."""
+    root = root or recipes_dir()
+    names = []
+    for path in root.rglob("*.yaml"):
+        rel = path.relative_to(root)
+        if rel.parts[0] in CONFIG_GROUPS:
+            continue
+        names.append(rel.with_suffix("").as_posix())
+    return sorted(names)
+
+
+def compose_recipe(name: str, overrides: list[str] | None = None, root: Path | None = None) -> dict[str, Any]:
+    """Compose recipe ``name`` with hydra command-line ``overrides`` into a plain dict."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    root = root or recipes_dir()
+    known = list_recipes(root)
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown recipe {name!r}.{hint} Available recipes: {', '.join(known)} (alignkit list)")
+    try:
+        with initialize_config_dir(config_dir=str(root), version_base="1.3", job_name="alignkit"):
+            composed = compose(config_name=name, overrides=list(overrides or []))
+        data = OmegaConf.to_container(composed, resolve=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ValueError(f"recipe {name!r} with overrides {overrides or []}: {exc}") from exc
+    assert isinstance(data, dict)
+    data["recipe"] = name
+    return data
+
+
+def load_run_config(name: str, overrides: list[str] | None = None, root: Path | None = None) -> RunConfig:
+    """Compose and validate: raises :class:`alignkit.config.ConfigError` before any model loads."""
+    return build_config(compose_recipe(name, overrides, root))

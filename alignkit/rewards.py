@@ -1,0 +1,150 @@
+"""Reward interface and the multi-objective reward set.
+
+A reward is a callable ``reward(samples, prompts, metadata) -> sequence of float | None`` with one score
+per sample. ``None`` or NaN means "could not score": the sample is masked (its transitions do not train)
+and counted, never replaced by a sentinel. Rewards are found by registry name (a factory called with the
+term's ``kwargs``) or by dotted import path (a class is instantiated with ``kwargs``; a function is the
+reward itself and receives ``kwargs`` as keyword arguments at every call).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from alignkit.config import RewardTermConfig
+from alignkit.credit import group_normalize
+from alignkit.registry import REWARDS, is_import_path
+
+logger = logging.getLogger(__name__)
+
+
+class Reward(Protocol):
+    """One score per sample."""
+
+    def __call__(
+        self, samples: Any, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
+    ) -> Sequence[float | None] | torch.Tensor: ...
+
+
+@dataclass
+class RewardTerm:
+    name: str
+    fn: Reward
+    weight: float
+
+
+@dataclass
+class RewardTable:
+    """Scores of ``S`` samples.
+
+    Attributes:
+        raw: reward name -> ``[S]`` float32 scores, NaN where the reward could not score.
+        invalid: reward name -> number of samples it could not score (None, NaN or inf).
+    """
+
+    raw: dict[str, torch.Tensor]
+    invalid: dict[str, int]
+
+
+def _to_scores(name: str, out: Any, n: int) -> tuple[torch.Tensor, int]:
+    """Validate a reward's output: ``[n]`` float32 with NaN for unscorable samples."""
+    if isinstance(out, torch.Tensor):
+        values = out.detach().float().cpu().flatten().tolist() if out.dim() <= 1 else None
+        if values is None:
+            raise ValueError(f"reward {name!r} returned a tensor of shape {tuple(out.shape)}; return shape [{n}]")
+    else:
+        try:
+            values = list(out)
+        except TypeError:
+            raise ValueError(f"reward {name!r} returned {type(out).__name__}; return a list of {n} floats") from None
+    if len(values) != n:
+        raise ValueError(f"reward {name!r} returned {len(values)} scores for {n} samples; return one per sample")
+    scores = []
+    for i, v in enumerate(values):
+        if v is None:
+            scores.append(math.nan)
+        elif isinstance(v, numbers.Real) and not isinstance(v, bool):
+            scores.append(float(v))
+        else:
+            raise ValueError(
+                f"reward {name!r} returned {v!r} ({type(v).__name__}) for sample {i}; "
+                "return a float, or None when the sample cannot be scored"
+            )
+    t = torch.tensor(scores, dtype=torch.float32)
+    bad = ~torch.isfinite(t)
+    t[bad] = math.nan
+    return t, int(bad.sum())
+
+
+def resolve_reward(name: str, term: RewardTermConfig) -> Reward:
+    """Build the reward named by ``term.fn``."""
+    obj = REWARDS.get(term.fn)
+    if term.fn in REWARDS or inspect.isclass(obj):
+        try:
+            return obj(**term.kwargs)
+        except TypeError as exc:
+            raise ValueError(f"reward.{name}.kwargs={term.kwargs} do not fit {term.fn!r}: {exc}") from exc
+    if is_import_path(term.fn) and callable(obj):
+        return functools.partial(obj, **term.kwargs) if term.kwargs else obj
+    raise ValueError(f"reward.{name}.fn={term.fn!r} is not callable")
+
+
+class RewardSet:
+    """Named, weighted rewards with one aggregation mode.
+
+    ``sum_then_normalize`` (Flow-GRPO): the score is the weighted sum of raw rewards, normalised later
+    by the credit assigner. ``normalize_then_sum`` (GDPO / MixGRPO): each reward is group-normalised
+    first, then weighted and summed. A sample with any invalid reward has an invalid (NaN) score.
+    """
+
+    def __init__(self, terms: list[RewardTerm], aggregation: str = "sum_then_normalize") -> None:
+        if not terms:
+            raise ValueError("a reward set needs at least one reward")
+        if aggregation not in ("sum_then_normalize", "normalize_then_sum"):
+            raise ValueError(f"unknown reward aggregation {aggregation!r}; use sum_then_normalize or "
+                             "normalize_then_sum")
+        self.terms = terms
+        self.aggregation = aggregation
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, RewardTermConfig], aggregation: str) -> RewardSet:
+        terms = [RewardTerm(name, resolve_reward(name, t), t.weight) for name, t in cfg.items()]
+        return cls(terms, aggregation)
+
+    def score(self, samples: Any, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]) -> RewardTable:
+        raw: dict[str, torch.Tensor] = {}
+        invalid: dict[str, int] = {}
+        for term in self.terms:
+            try:
+                out = term.fn(samples, list(prompts), list(metadata))
+            except Exception as exc:
+                raise RuntimeError(f"reward {term.name!r} raised {type(exc).__name__}: {exc}") from exc
+            raw[term.name], invalid[term.name] = _to_scores(term.name, out, len(prompts))
+            if invalid[term.name]:
+                logger.warning("reward %r could not score %d of %d samples (masked)", term.name,
+                               invalid[term.name], len(prompts))
+        return RewardTable(raw=raw, invalid=invalid)
+
+    def aggregate(
+        self, table: RewardTable, groups: torch.Tensor, *, std: str = "group", eps: float = 1e-4
+    ) -> torch.Tensor:
+        """``[S]`` combined score (NaN where any reward is invalid)."""
+        total = torch.zeros_like(next(iter(table.raw.values())))
+        for term in self.terms:
+            r = table.raw[term.name]
+            if self.aggregation == "normalize_then_sum":
+                r, _ = group_normalize(r, groups, std=std, eps=eps)
+            total = total + term.weight * r
+        return total
+
+
+RewardFactory = Callable[..., Reward]

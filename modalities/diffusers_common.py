@@ -1,0 +1,296 @@
+"""What every diffusers flow-matching adapter shares: loading, LoRA, the reference model, checkpoints.
+
+Image (SD3, FLUX), video (Wan) and audio adapters subclass :class:`DiffusersFlowSampler` and add only
+prompt encoding, the guided velocity, initial noise and decoding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file
+
+from alignkit.config import BackboneConfig
+from alignkit.flow import FlowMatchingSampler
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+BuiltinBuilder = Callable[[], Any]
+BUILTIN_PIPELINES: dict[str, BuiltinBuilder] = {}
+"""``builtin:<name>`` pipelines: random or shipped models built offline, then saved and loaded back."""
+
+
+def register_builtin(name: str) -> Callable[[BuiltinBuilder], BuiltinBuilder]:
+    def decorator(fn: BuiltinBuilder) -> BuiltinBuilder:
+        if name in BUILTIN_PIPELINES:
+            raise KeyError(f"builtin pipeline {name!r} is already registered")
+        BUILTIN_PIPELINES[name] = fn
+        return fn
+
+    return decorator
+
+
+def builtin_cache_dir() -> Path:
+    return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit"))
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """Turn ``builtin:<name>`` into a local pipeline folder (built and saved once); pass others through.
+
+    Builtin pipelines are saved with ``save_pretrained`` and always loaded through ``from_pretrained``,
+    so the demo exercises the same loading code as a hub id or a user's folder.
+    """
+    if not pretrained.startswith("builtin:"):
+        return pretrained
+    name = pretrained.removeprefix("builtin:")
+    if name not in BUILTIN_PIPELINES:
+        raise ValueError(
+            f"backbone.pretrained={pretrained!r}: no builtin pipeline {name!r}; "
+            f"valid: {', '.join('builtin:' + n for n in sorted(BUILTIN_PIPELINES))}"
+        )
+    folder = builtin_cache_dir() / name
+    if not (folder / "model_index.json").exists():
+        logger.info("building %s into %s", pretrained, folder)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        BUILTIN_PIPELINES[name]().save_pretrained(tmp, safe_serialization=True)
+        if folder.exists():  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    return str(folder)
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """``org/name`` (one slash, no path prefix)."""
+    return not source.startswith((".", "/", "~")) and source.count("/") == 1 and " " not in source
+
+
+def absent_components(source: str) -> dict[str, None]:
+    """Components a local pipeline folder saved as absent (``[null, null]``), to pass as None on loading.
+
+    SD3 without its T5 encoder is saved this way; ``from_pretrained`` needs them named explicitly.
+    """
+    index = Path(source).expanduser() / "model_index.json"
+    if not index.is_file():
+        return {}
+    entries = json.loads(index.read_text())
+    return {k: None for k, v in entries.items() if isinstance(v, list) and v and all(x is None for x in v)}
+
+
+def load_pipeline(pipeline_class: type, cfg: BackboneConfig) -> Any:
+    """``pipeline_class.from_pretrained`` of a hub id or a local folder, as users load it."""
+    source = resolve_pretrained(cfg.pretrained)
+    if not Path(source).expanduser().exists() and not looks_like_hub_id(source):
+        raise FileNotFoundError(
+            f"backbone.pretrained={cfg.pretrained!r}: no such folder, and not a hub id 'org/name'; "
+            "give an existing pipeline folder (one with model_index.json) or a hub id"
+        )
+    kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype]}
+    kwargs.update(absent_components(source))
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    if cfg.variant:
+        kwargs["variant"] = cfg.variant
+    if cfg.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    logger.info("loading %s from %s", pipeline_class.__name__, source)
+    return pipeline_class.from_pretrained(source, **kwargs)
+
+
+class DiffusersFlowSampler(FlowMatchingSampler):
+    """A flow-matching diffusers pipeline whose ``transformer`` is the policy.
+
+    Frozen parts (text encoders, VAE, base transformer weights) stay in ``cfg.dtype``; trainable
+    parameters (LoRA by default) are float32. The reference model for the KL term is the same
+    transformer with its adapter disabled (or a frozen copy under full fine-tuning).
+    """
+
+    pipeline_class: ClassVar[type]
+    modality: ClassVar[str] = "image"
+
+    def __init__(
+        self, pipe: Any, cfg: BackboneConfig, *, step_kind: str, noise_level: float, device: torch.device
+    ) -> None:
+        super().__init__(step_kind=step_kind, noise_level=noise_level)
+        self.pipe = pipe
+        self.cfg = cfg
+        self._device = torch.device(device)
+        self.dtype = DTYPES[cfg.dtype]
+        pipe.to(self._device)
+        pipe.set_progress_bar_config(disable=True)
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.requires_grad_(False).eval()
+        transformer: torch.nn.Module = pipe.transformer
+        self._reference_copy: torch.nn.Module | None = None
+        if cfg.lora.enabled:
+            from peft import LoraConfig
+
+            transformer.requires_grad_(False)
+            transformer.add_adapter(
+                LoraConfig(
+                    r=cfg.lora.rank,
+                    lora_alpha=cfg.lora.alpha,
+                    lora_dropout=cfg.lora.dropout,
+                    init_lora_weights="gaussian",
+                    target_modules=list(cfg.lora.target_modules),
+                )
+            )
+            self._check_lora_targets(transformer)
+        else:
+            self._reference_copy = copy.deepcopy(transformer).requires_grad_(False).eval()
+            transformer.requires_grad_(True)
+        for p in transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        if cfg.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.eval()
+        self._module: torch.nn.Module = transformer
+        self._use_reference = False
+        self._sigmas, self._timesteps = self._build_schedule()
+
+    # --- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls, cfg: BackboneConfig, *, step_kind: str, noise_level: float, device: torch.device | str
+    ) -> DiffusersFlowSampler:
+        """Load the pipeline named by ``cfg.pretrained`` and wrap it."""
+        pipe = load_pipeline(cls.pipeline_class, cfg)
+        return cls(pipe, cfg, step_kind=step_kind, noise_level=noise_level, device=torch.device(device))
+
+    def _check_lora_targets(self, transformer: torch.nn.Module) -> None:
+        n = sum(1 for name, _ in transformer.named_parameters() if "lora_" in name)
+        if n == 0:
+            raise ValueError(
+                f"backbone.lora.target_modules={list(self.cfg.lora.target_modules)} matched no layer of "
+                f"{type(transformer).__name__}; use names of its Linear layers such as to_q, to_k, to_v, to_out.0"
+            )
+
+    def _build_schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sigmas [N + 1], timesteps [N])`` exactly as the pipeline computes them."""
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        scheduler.set_timesteps(self.cfg.num_steps, device="cpu", **self._schedule_kwargs())
+        return scheduler.sigmas.float().clone(), scheduler.timesteps.float().clone()
+
+    def _schedule_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    # --- Sampler interface ----------------------------------------------------------------------------
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return self._sigmas
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """``[N]`` model timesteps (``sigma * num_train_timesteps``)."""
+        return self._timesteps
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        """The module used for forwards: the reference when inside :meth:`reference`."""
+        if self._use_reference and self._reference_copy is not None:
+            return self._reference_copy
+        return self._module
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    def set_trainable_module(self, module: torch.nn.Module) -> None:
+        self._module = module
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.pipe.transformer.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> None:
+        self._module.train(mode)
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        if self._reference_copy is not None:
+            self._use_reference = True
+            try:
+                yield
+            finally:
+                self._use_reference = False
+            return
+        self.pipe.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.pipe.transformer.enable_adapters()
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+
+    def save_trainable(self, directory: Path) -> None:
+        """LoRA: diffusers' ``save_lora_weights`` format (``pipe.load_lora_weights(directory)`` loads it).
+
+        Full fine-tuning: the transformer via ``save_pretrained`` (safetensors).
+        """
+        directory.mkdir(parents=True, exist_ok=True)
+        transformer = self.pipe.transformer
+        if self.cfg.lora.enabled:
+            from peft.utils import get_peft_model_state_dict
+
+            layers = get_peft_model_state_dict(transformer)
+            self.pipeline_class.save_lora_weights(
+                directory, transformer_lora_layers=layers, safe_serialization=True
+            )
+        else:
+            transformer.save_pretrained(directory / "transformer", safe_serialization=True)
+
+    def load_trainable(self, directory: Path) -> None:
+        transformer = self.pipe.transformer
+        if self.cfg.lora.enabled:
+            from peft.utils import set_peft_model_state_dict
+
+            path = directory / LORA_WEIGHTS_NAME
+            state = load_file(path)
+            state = {k.removeprefix("transformer."): v for k, v in state.items()}
+            result = set_peft_model_state_dict(transformer, state)
+            unexpected = getattr(result, "unexpected_keys", []) or []
+            if unexpected:
+                raise ValueError(f"{path}: {len(unexpected)} LoRA keys do not match the model, e.g. {unexpected[:3]}")
+        else:
+            from safetensors.torch import load_model
+
+            files = sorted((directory / "transformer").glob("*.safetensors"))
+            if len(files) != 1:
+                raise FileNotFoundError(f"expected one safetensors file in {directory / 'transformer'}, got {files}")
+            load_model(transformer, files[0], strict=True)
+        for p in transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+    # --- helpers for subclasses -----------------------------------------------------------------------
+
+    def model_timestep(self, step: torch.Tensor) -> torch.Tensor:
+        """``[B]`` model timesteps for schedule indices ``step``."""
+        return self._timesteps.to(self._device)[step.cpu()].to(self._device)
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents ``[B, C, h, w]`` to images ``[B, 3, H, W]`` in [0, 1] (float32)."""
+        vae = self.pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + shift
+        image = vae.decode(latents, return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)

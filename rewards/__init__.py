@@ -1,0 +1,1 @@
+"""Reward plug-ins. Each module registers its rewards under ``alignkit.rewards`` entry points."""
