@@ -242,7 +242,7 @@ class Trainer:
                 if math.isnan(first_ratio):
                     first_ratio = float(out.ratio_mean)
                 for key in ("loss", "policy_loss", "kl", "ratio_mean", "clip_fraction", "approx_kl"):
-                    sums[key] = sums.get(key, 0.0) + float(getattr(out, key))
+                    sums[key] = sums.get(key, 0.0) + float(getattr(out, key).detach())
                 count += 1
                 if sync:
                     norm = self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm)

@@ -140,16 +140,19 @@ class DiffusersFlowSampler(FlowMatchingSampler):
             from peft import LoraConfig
 
             transformer.requires_grad_(False)
-            transformer.add_adapter(
-                LoraConfig(
-                    r=cfg.lora.rank,
-                    lora_alpha=cfg.lora.alpha,
-                    lora_dropout=cfg.lora.dropout,
-                    init_lora_weights="gaussian",
-                    target_modules=list(cfg.lora.target_modules),
-                )
+            lora = LoraConfig(
+                r=cfg.lora.rank,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                init_lora_weights="gaussian",
+                target_modules=list(cfg.lora.target_modules),
             )
-            self._check_lora_targets(transformer)
+            try:
+                transformer.add_adapter(lora)
+            except ValueError as exc:
+                raise ValueError(self._lora_target_message(transformer) + f" (peft: {exc})") from exc
+            if not any("lora_" in name for name, _ in transformer.named_parameters()):
+                raise ValueError(self._lora_target_message(transformer))
         else:
             self._reference_copy = copy.deepcopy(transformer).requires_grad_(False).eval()
             transformer.requires_grad_(True)
@@ -173,13 +176,12 @@ class DiffusersFlowSampler(FlowMatchingSampler):
         pipe = load_pipeline(cls.pipeline_class, cfg)
         return cls(pipe, cfg, step_kind=step_kind, noise_level=noise_level, device=torch.device(device))
 
-    def _check_lora_targets(self, transformer: torch.nn.Module) -> None:
-        n = sum(1 for name, _ in transformer.named_parameters() if "lora_" in name)
-        if n == 0:
-            raise ValueError(
-                f"backbone.lora.target_modules={list(self.cfg.lora.target_modules)} matched no layer of "
-                f"{type(transformer).__name__}; use names of its Linear layers such as to_q, to_k, to_v, to_out.0"
-            )
+    def _lora_target_message(self, transformer: torch.nn.Module) -> str:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)})
+        return (
+            f"backbone.lora.target_modules={list(self.cfg.lora.target_modules)} matched no layer of "
+            f"{type(transformer).__name__}; its Linear layer names include: {', '.join(linear[:20])}"
+        )
 
     def _build_schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sigmas [N + 1], timesteps [N])`` exactly as the pipeline computes them."""

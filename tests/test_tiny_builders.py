@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,16 @@ FAMILIES: dict[str, tuple[Callable[..., DiffusionPipeline], type[DiffusionPipeli
     "sd3_t5": (lambda **kw: build_tiny_sd3_pipeline(with_t5=True, **kw), StableDiffusion3Pipeline, {}),
     "flux": (build_tiny_flux_pipeline, FluxPipeline, {}),
 }
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    """Runs on one intra-op thread: the models are too small to gain from more, and on a busy 2-core box
+    two threads contending with another process make each test ~5-10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

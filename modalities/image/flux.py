@@ -82,7 +82,7 @@ class FluxSampler(DiffusersFlowSampler):
 
 @register_builtin("tiny-flux")
 def _tiny_flux() -> FluxPipeline:
-    """A tiny random FLUX pipeline (32 px, CPU-sized), built offline."""
+    """A tiny random FLUX pipeline (designed for 64 px; the CPU recipes sample 32 px), built offline."""
     from modalities.image.tiny import build_tiny_flux_pipeline
 
     return build_tiny_flux_pipeline(seed=0)

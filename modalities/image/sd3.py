@@ -74,7 +74,7 @@ class SD3Sampler(DiffusersFlowSampler):
 
 @register_builtin("tiny-sd3")
 def _tiny_sd3() -> StableDiffusion3Pipeline:
-    """A tiny random SD3 pipeline (32 px, CPU-sized), built offline."""
+    """A tiny random SD3 pipeline (designed for 64 px; the CPU recipes sample 32 px), built offline."""
     from modalities.image.tiny import build_tiny_sd3_pipeline
 
     return build_tiny_sd3_pipeline(seed=0)

@@ -108,7 +108,7 @@ foreground texture color colour light shadow reflection
 is sitting standing running walking flying swimming eating drinking holding looking playing sleeping
 jumping smiling wearing riding reading writing painting make made see look go come get give take put
 sit stand run walk fly swim eat drink hold play sleep jump smile wear ride read write draw paint
-high quality best lowres blurry sharp focus detail 4k 8k hd photo realistic
+high quality best lowres blurry sharp focus detail hd photo realistic
 """
 
 _PUNCTUATION = list(".,!?;:'\"-()[]{}/\\&*+=#%@$<>|_~`^")
@@ -362,8 +362,8 @@ def build_tiny_flux_pipeline(
         seed: Seed for all random weights; the global torch RNG state is restored afterwards.
         sample_size: Latent height/width (must be even for 2x2 packing). Call the pipeline with
             ``height = width = sample_size * 2`` pixels (:func:`tiny_image_size`); the builder also sets
-            ``pipe.default_sample_size`` so that omitting them gives this size (not kept by
-            ``save_pretrained``).
+            ``pipe.default_sample_size`` so that omitting them gives this size (restored by
+            :func:`load_tiny_pipeline`, not by a plain ``FluxPipeline.from_pretrained``).
         guidance_embeds: Whether the transformer embeds a distilled guidance scale (FLUX.1-dev style);
             ``False`` gives a FLUX.1-schnell style transformer.
         dtype: Dtype of every module.
@@ -438,7 +438,7 @@ def save_tiny_pipeline(pipe: DiffusionPipeline, path: str | Path) -> Path:
 def load_tiny_pipeline(
     path: str | Path, pipeline_cls: type[DiffusionPipeline] = DiffusionPipeline, **kwargs: Any
 ) -> DiffusionPipeline:
-    """Loads a pipeline saved by :func:`save_tiny_pipeline`, offline-safe and tolerant of absent parts.
+    """Loads a pipeline saved by :func:`save_tiny_pipeline` from its local folder, allowing absent parts.
 
     ``from_pretrained`` refuses folders whose ``model_index.json`` lists a required component as
     ``[null, null]`` (e.g. SD3 saved without T5: ``text_encoder_3``/``tokenizer_3`` are not optional
@@ -453,11 +453,10 @@ def load_tiny_pipeline(
     Returns:
         The loaded pipeline with its progress bar disabled.
     """
+    from modalities.diffusers_common import absent_components
+
     path = Path(path)
-    index = json.loads((path / "model_index.json").read_text())
-    for name, entry in index.items():
-        if not name.startswith("_") and isinstance(entry, list) and all(e is None for e in entry):
-            kwargs.setdefault(name, None)
+    kwargs = {**absent_components(str(path)), **kwargs}
     pipe = pipeline_cls.from_pretrained(path, **kwargs)
     if isinstance(pipe, FluxPipeline) and pipe.vae is not None:
         pipe.default_sample_size = int(pipe.vae.config.sample_size) // int(pipe.vae_scale_factor)

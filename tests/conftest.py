@@ -1,0 +1,34 @@
+"""Test tiers.
+
+    pytest                      unit + integration tests on CPU (the default suite, README's test command)
+    pytest -m "not integration" fast unit tests only
+    pytest -m gpu               GPU tests (skipped without CUDA)
+
+Everything runs offline: tiny random pipelines are built in-process, saved to a temporary folder and
+loaded back through ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _builtin_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Builtin tiny pipelines are built once per session into a private cache."""
+    os.environ["ALIGNKIT_CACHE"] = str(tmp_path_factory.mktemp("alignkit_cache"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
