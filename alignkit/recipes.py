@@ -10,6 +10,18 @@ from alignkit.config import RunConfig, build_config
 
 CONFIG_GROUPS = ("backbone", "reward", "algo", "train", "prompts")
 DEFAULT_RECIPE = "default"
+BASE_CONFIG = "alignkit_defaults"
+"""Every field of :class:`RunConfig` with its default; recipes list ``/alignkit_defaults`` first in their
+defaults so that any field can be overridden on the command line without hydra's ``+``."""
+
+
+def _store_base_config() -> None:
+    import dataclasses
+
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name=BASE_CONFIG, node=OmegaConf.create(dataclasses.asdict(RunConfig())))
 
 
 def recipes_dir() -> Path:
@@ -38,6 +50,7 @@ def compose_recipe(name: str, overrides: list[str] | None = None, root: Path | N
     from omegaconf.errors import OmegaConfBaseException
 
     root = root or recipes_dir()
+    _store_base_config()
     known = list_recipes(root)
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3)

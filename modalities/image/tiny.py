@@ -52,6 +52,7 @@ __all__ = [
     "EOS_TOKEN",
     "PAD_TOKEN",
     "TINY_VAE_SCALE_FACTOR",
+    "SD3_MID_TRANSFORMER",
     "UNK_TOKEN",
     "build_tiny_flux_pipeline",
     "build_tiny_sd3_pipeline",
@@ -281,8 +282,17 @@ def _finalize(pipe: DiffusionPipeline, dtype: torch.dtype) -> None:
     pipe.set_progress_bar_config(disable=True)
 
 
+SD3_MID_TRANSFORMER: dict[str, Any] = {"num_layers": 8, "attention_head_dim": 64, "num_attention_heads": 6}
+"""A mid-size random SD3 transformer (~30M parameters) for CPU benchmarks: ``transformer_kwargs=...``."""
+
+
 def build_tiny_sd3_pipeline(
-    *, seed: int = 0, sample_size: int = 32, with_t5: bool = False, dtype: torch.dtype = torch.float32
+    *,
+    seed: int = 0,
+    sample_size: int = 32,
+    with_t5: bool = False,
+    dtype: torch.dtype = torch.float32,
+    transformer_kwargs: dict[str, Any] | None = None,
 ) -> StableDiffusion3Pipeline:
     """Builds a tiny random Stable Diffusion 3 pipeline offline.
 
@@ -297,12 +307,17 @@ def build_tiny_sd3_pipeline(
             ``height = width = sample_size * 2`` pixels (:func:`tiny_image_size`).
         with_t5: Whether to include a tiny T5 encoder as ``text_encoder_3``.
         dtype: Dtype of every module.
+        transformer_kwargs: Overrides of the transformer config (e.g. :data:`SD3_MID_TRANSFORMER`);
+            ``caption_projection_dim`` follows the attention width.
 
     Returns:
         The pipeline on CPU, every module in eval mode (as after ``from_pretrained``), progress bar off.
     """
     _check_sample_size(sample_size)
     clip_l_dim, clip_g_dim, joint_dim = 16, 32, 64
+    tkw: dict[str, Any] = {"num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 4}
+    tkw.update(transformer_kwargs or {})
+    tkw.setdefault("caption_projection_dim", tkw["attention_head_dim"] * tkw["num_attention_heads"])
     with torch.random.fork_rng(devices=[]):
         tokenizer = build_tiny_tokenizer()
         tokenizer_2 = build_tiny_tokenizer()
@@ -312,12 +327,9 @@ def build_tiny_sd3_pipeline(
             sample_size=sample_size,
             patch_size=2,
             in_channels=4,
-            num_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=4,
             joint_attention_dim=joint_dim,
-            caption_projection_dim=32,  # == num_attention_heads * attention_head_dim
             pooled_projection_dim=clip_l_dim + clip_g_dim,
+            **tkw,
             out_channels=4,
             pos_embed_max_size=sample_size,  # allows up to 2x the default resolution
         )
