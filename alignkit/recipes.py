@@ -6,7 +6,7 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import RunConfig, build_config
+from alignkit.config import ConfigError, RunConfig, build_config
 
 CONFIG_GROUPS = ("backbone", "reward", "algo", "train", "prompts")
 DEFAULT_RECIPE = "default"
@@ -67,6 +67,33 @@ def compose_recipe(name: str, overrides: list[str] | None = None, root: Path | N
     return data
 
 
+def check_names(cfg: RunConfig) -> list[str]:
+    """Problems with component names (sampler, rewards, plan, step family, credit), each listing valid names."""
+    import alignkit.credit
+    import alignkit.flow
+    import alignkit.plans
+    import alignkit.prompts  # noqa: F401 - these imports register the built-in components
+    from alignkit import registry
+
+    checks = [
+        ("backbone.name", cfg.backbone.name, registry.SAMPLERS),
+        ("algo.plan.name", cfg.algo.plan.name, registry.EXPLORATION_PLANS),
+        ("algo.step_kind", cfg.algo.step_kind, registry.STEP_KINDS),
+        ("algo.credit.name", cfg.algo.credit.name, registry.CREDIT_ASSIGNERS),
+        ("prompts.source", cfg.prompts.source, registry.PROMPT_SOURCES),
+    ] + [(f"reward.{n}.fn", t.fn, registry.REWARDS) for n, t in cfg.reward.items()]
+    problems = []
+    for path, value, reg in checks:
+        if value in reg or (registry.is_import_path(value) and reg is registry.REWARDS):
+            continue
+        problems.append(f"{path}={value!r}: unknown {reg.kind} name; valid: {', '.join(reg.names())}")
+    return problems
+
+
 def load_run_config(name: str, overrides: list[str] | None = None, root: Path | None = None) -> RunConfig:
     """Compose and validate: raises :class:`alignkit.config.ConfigError` before any model loads."""
-    return build_config(compose_recipe(name, overrides, root))
+    cfg = build_config(compose_recipe(name, overrides, root))
+    problems = check_names(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

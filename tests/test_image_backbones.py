@@ -109,3 +109,53 @@ def test_missing_folder_and_bad_lora_targets(sd3_folder: Path, tmp_path: Path) -
     with pytest.raises(ValueError, match="target_modules"):
         SD3Sampler.from_config(_backbone("sd3", sd3_folder, lora=LoraConfig(target_modules=["no_such_layer"])),
                                step_kind="ode", noise_level=0.7, device="cpu")
+
+
+def _grad_of_log_prob(sampler) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """Gradient of one stochastic transition's log-prob w.r.t. the trainable parameters."""
+    from alignkit.rollout import sample_generator
+
+    cond = sampler.encode_prompts(PROMPTS)
+    gens = [sample_generator(1, i) for i in range(2)]
+    x = sampler.initial_state(gens)
+    step = torch.tensor([1, 2])
+    with torch.no_grad():
+        nxt = sampler.transition(x, step, cond, stochastic=True).sample(gens)
+    sampler.train(True)
+    sampler.transition(x, step, cond, stochastic=True).log_prob(nxt).sum().backward()
+    sampler.train(False)
+    return {n: p.grad.clone() for n, p in sampler.trainable_module().named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(sd3_folder: Path) -> None:
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        sampler = SD3Sampler.from_config(_backbone("sd3", sd3_folder, gradient_checkpointing=ckpt),
+                                         step_kind="flow_grpo", noise_level=0.7, device="cpu")
+        grads.append(_grad_of_log_prob(sampler))
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7)
+
+
+def test_reference_is_the_base_model(sd3_folder: Path) -> None:
+    """With the adapter disabled (LoRA) or a frozen copy (full fine-tuning), the reference ignores updates."""
+    from alignkit.rollout import sample_generator
+
+    for lora in (True, False):
+        sampler = SD3Sampler.from_config(_backbone("sd3", sd3_folder, lora=LoraConfig(enabled=lora, rank=4)),
+                                         step_kind="flow_grpo", noise_level=0.7, device="cpu")
+        cond = sampler.encode_prompts(PROMPTS)
+        gens = [sample_generator(2, i) for i in range(2)]
+        x, step = sampler.initial_state(gens), torch.tensor([0, 3])
+        with torch.no_grad():
+            before = sampler.transition(x, step, cond, stochastic=True)
+            for p in sampler.trainable_parameters():
+                p.add_(0.05 * torch.randn_like(p))
+            after = sampler.transition(x, step, cond, stochastic=True)
+            with sampler.reference():
+                ref = sampler.transition(x, step, cond, stochastic=True)
+        assert not torch.allclose(after.mean, before.mean)
+        torch.testing.assert_close(ref.mean, before.mean)
+        assert (after.kl(ref) > 0).all() and torch.equal(before.kl(ref), torch.zeros(2))

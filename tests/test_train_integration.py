@@ -101,3 +101,14 @@ def test_cli_rejects_bad_config_before_loading(tmp_path: Path, caplog: pytest.Lo
     assert code == 2
     assert "algo.num_seeds=1" in caplog.text
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_eval_command_writes_table_and_grid(tmp_path: Path) -> None:
+    code = main(["eval", "sd3_tiny_flow_grpo", f"output_dir={tmp_path}", "backbone.num_steps=3",
+                 "eval.num_prompts=3", "eval.seeds_per_prompt=2", "eval.batch_size=6"])
+    assert code == 0
+    rows = (tmp_path / "eval" / "rewards.jsonl").read_text().splitlines()
+    assert len(rows) == 6
+    assert (tmp_path / "eval" / "grid.png").is_file()
+    summary = __import__("json").loads((tmp_path / "eval" / "summary.json").read_text())
+    assert set(summary) == {"jpeg_compressibility"} and summary["jpeg_compressibility"] < 0
