@@ -117,6 +117,9 @@ class GaussianStep:
     def scale(self) -> torch.Tensor:
         return self.std
 
+    def index(self, rows: torch.Tensor) -> GaussianStep:
+        return GaussianStep(mean=self.mean[rows], std=self.std[rows], ode_mean=self.ode_mean[rows])
+
     def mode(self) -> torch.Tensor:
         return self.ode_mean
 

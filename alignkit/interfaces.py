@@ -43,6 +43,10 @@ class StepDistribution(Protocol):
         """``[B]`` KL(self || reference) for the same states, the regulariser of the objective."""
         ...
 
+    def index(self, rows: torch.Tensor) -> StepDistribution:
+        """The distribution of rows ``rows`` (``[R]`` long) only."""
+        ...
+
 
 class Sampler(ABC):
     """A backbone adapter: the primitives of iterative denoising for one model family.

@@ -87,6 +87,13 @@ def check_names(cfg: RunConfig) -> list[str]:
         if value in reg or (registry.is_import_path(value) and reg is registry.REWARDS):
             continue
         problems.append(f"{path}={value!r}: unknown {reg.kind} name; valid: {', '.join(reg.names())}")
+    if cfg.algo.plan.name in registry.EXPLORATION_PLANS:
+        try:
+            plan = alignkit.plans.build_plan(cfg.algo.plan.name, cfg.algo.plan.options)
+        except ValueError as exc:
+            problems.append(str(exc))
+        else:
+            problems += plan.validate(cfg.backbone.num_steps)
     return problems
 
 

@@ -73,9 +73,10 @@ class RolloutEngine:
 
     @torch.no_grad()
     def run(self, request: RolloutRequest, schedule: PlanSchedule) -> Rollout:
+        """Sample the request under ``schedule`` (linear or branching)."""
         sampler = self.sampler
         num_steps = sampler.num_steps
-        bad = [s for s in schedule.stochastic_steps if not 0 <= s < num_steps - 1]
+        bad = [s for s in schedule.trained_steps() if not 0 <= s < num_steps - 1]
         if bad:
             raise ValueError(
                 f"exploring steps {bad} are outside 0..{num_steps - 2} (the last of {num_steps} steps never "
@@ -84,33 +85,116 @@ class RolloutEngine:
         sampler.train(False)
         cond_all = sampler.encode_prompts(request.prompts)
         p_count = len(request.prompts)
-        prompt_index = torch.arange(p_count).repeat_interleave(request.num_seeds)  # [S]
-        seed_index = torch.arange(request.num_seeds).repeat(p_count)  # [S]
-        stochastic = set(schedule.stochastic_steps)
+        prompt_index = torch.arange(p_count).repeat_interleave(request.num_seeds)  # [T] one row per noise
+        seed_index = torch.arange(request.num_seeds).repeat(p_count)  # [T]
+        if schedule.branching:
+            final_state, transitions, keys, nfe = self._branching(request, schedule, cond_all, prompt_index,
+                                                                   seed_index)
+        else:
+            final_state, transitions, keys, nfe = self._linear(request, schedule, cond_all, prompt_index,
+                                                                seed_index)
+        expected = len(prompt_index) * schedule.nfe_per_seed(num_steps)
+        if nfe != expected:
+            raise AssertionError(f"NFE bookkeeping: counted {nfe}, closed form {expected}")
+        return Rollout(
+            prompts=list(request.prompts), metadata=list(request.metadata), cond=cond_all, keys=keys,
+            samples=self._decode(final_state), final_state=final_state, transitions=transitions, nfe=nfe,
+            num_steps=num_steps,
+        )
 
+    def _noise_generators(self, request: RolloutRequest, rows: torch.Tensor, prompt_index: torch.Tensor,
+                          seed_index: torch.Tensor) -> list[torch.Generator]:
+        return [sample_generator(request.seed, request.iteration, request.prompt_ids[int(prompt_index[r])],
+                                 int(seed_index[r])) for r in rows]
+
+    def _linear(self, request: RolloutRequest, schedule: PlanSchedule, cond_all: dict[str, torch.Tensor],
+                prompt_index: torch.Tensor, seed_index: torch.Tensor
+                ) -> tuple[torch.Tensor, Transitions, SampleKeys, int]:
+        """One trajectory per initial noise, exploring at ``schedule.stochastic_steps``."""
+        stochastic = set(schedule.stochastic_steps)
         finals: list[torch.Tensor] = []
         parts: list[Transitions] = []
         for start in range(0, len(prompt_index), self.batch_size):
             rows = torch.arange(start, min(start + self.batch_size, len(prompt_index)))
-            gens = [
-                sample_generator(request.seed, request.iteration, request.prompt_ids[int(prompt_index[r])],
-                                 int(seed_index[r]))
-                for r in rows
-            ]
+            gens = self._noise_generators(request, rows, prompt_index, seed_index)
             cond = index_batch(cond_all, prompt_index[rows])
-            final, stored = self._trajectory(sampler.initial_state(gens).float(), cond, gens, stochastic, rows)
+            final, stored = self._trajectory(self.sampler.initial_state(gens).float(), cond, gens, stochastic,
+                                             rows)
             finals.append(final)
             parts.extend(stored)
-
         final_state = torch.cat(finals)
-        samples = self._decode(final_state)
         transitions = Transitions.cat(parts) if parts else _empty_transitions(final_state)
         keys = SampleKeys(prompt_index, seed_index, torch.full_like(prompt_index, -1))
-        return Rollout(
-            prompts=list(request.prompts), metadata=list(request.metadata), cond=cond_all, keys=keys,
-            samples=samples, final_state=final_state, transitions=transitions,
-            nfe=len(prompt_index) * schedule.nfe_per_seed(num_steps), num_steps=num_steps,
-        )
+        return final_state, transitions, keys, len(prompt_index) * self.sampler.num_steps
+
+    def _branching(self, request: RolloutRequest, schedule: PlanSchedule, cond_all: dict[str, torch.Tensor],
+                   prompt_index: torch.Tensor, seed_index: torch.Tensor
+                   ) -> tuple[torch.Tensor, Transitions, SampleKeys, int]:
+        """Deterministic trunks, then ``K`` children per branch step, batched across branch points.
+
+        Samples are ordered trunk-major, then branch step, then child. Each child owns a generator seeded
+        from its identity (run seed, iteration, prompt id, seed id, branch step, child id) and uses it
+        once, for its branch noise.
+        """
+        sampler = self.sampler
+        n = sampler.num_steps
+        branch = sorted(schedule.branch_steps or ())
+        k_children = schedule.children
+        last = max(branch) if branch else 0
+        trunk_at: dict[int, list[torch.Tensor]] = {k: [] for k in branch}
+        nfe = 0
+        for start in range(0, len(prompt_index), self.batch_size):
+            rows = torch.arange(start, min(start + self.batch_size, len(prompt_index)))
+            x = sampler.initial_state(self._noise_generators(request, rows, prompt_index, seed_index)).float()
+            cond = index_batch(cond_all, prompt_index[rows])
+            for i in range(last + 1):
+                if i in trunk_at:
+                    trunk_at[i].append(x)
+                if i < last:
+                    x = sampler.transition(x, torch.full((len(rows),), i, device=x.device), cond,
+                                           stochastic=False).mode()
+                    nfe += len(rows)
+        trunk_states = {k: torch.cat(v) for k, v in trunk_at.items()}  # k -> [T, ...]
+
+        t_idx = torch.arange(len(prompt_index)).repeat_interleave(len(branch) * k_children)  # [C]
+        b_step = torch.tensor(branch, dtype=torch.long).repeat_interleave(k_children).repeat(len(prompt_index))
+        c_idx = torch.arange(k_children).repeat(len(prompt_index) * len(branch))  # [C]
+        state = torch.stack([trunk_states[int(k)][int(t)] for t, k in zip(t_idx, b_step)])  # [C, ...]
+        gens = [sample_generator(request.seed, request.iteration, request.prompt_ids[int(prompt_index[t])],
+                                 int(seed_index[t]), 1 + int(k), int(c)) for t, k, c in zip(t_idx, b_step, c_idx)]
+        child_prompt = prompt_index[t_idx]
+        step = b_step.clone()
+        parts: list[Transitions] = []
+        pending = list(range(len(t_idx)))
+        active: list[int] = []
+        while pending or active:
+            take = self.batch_size - len(active)
+            active += pending[:take]
+            del pending[:take]
+            idx = torch.tensor(active, dtype=torch.long)
+            cur, cur_step = state[idx], step[idx]
+            cond = index_batch(cond_all, child_prompt[idx])
+            dist = sampler.transition(cur, cur_step.to(cur.device), cond, stochastic=True)
+            nxt = dist.mode().clone()
+            explore = torch.nonzero(cur_step == b_step[idx]).flatten()
+            if len(explore):
+                sub = dist.index(explore.to(nxt.device))
+                drawn = sub.sample([gens[int(idx[r])] for r in explore])
+                nxt[explore] = drawn
+                parts.append(Transitions(
+                    state=cur[explore], next_state=drawn, step=cur_step[explore],
+                    log_prob=sub.log_prob(drawn).float().cpu(), scale=sub.scale.float().cpu(),
+                    sample_index=idx[explore],
+                ))
+            nfe += len(idx)
+            state[idx] = nxt
+            step[idx] += 1
+            active = [r for r in active if int(step[r]) < n]
+        transitions = Transitions.cat(parts) if parts else _empty_transitions(state)
+        order = torch.argsort(transitions.sample_index)
+        transitions = transitions.select(order)  # one transition per child, in sample order
+        keys = SampleKeys(child_prompt, seed_index[t_idx], b_step)
+        return state, transitions, keys, nfe
 
     def _trajectory(
         self,
