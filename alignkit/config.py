@@ -329,7 +329,7 @@ def _bind(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         kwargs = {k: _bind(hints[k], v, _join(path, k), problems) for k, v in value.items() if k in known}
         return tp(**kwargs)
     if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
+        _key_tp, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
             problems.append(f"{path}={value!r}: expected a mapping")
             return {}

@@ -72,7 +72,7 @@ def check_names(cfg: RunConfig) -> list[str]:
     import alignkit.credit
     import alignkit.flow
     import alignkit.plans
-    import alignkit.prompts  # noqa: F401 - these imports register the built-in components
+    import alignkit.prompts
     from alignkit import registry
 
     checks = [

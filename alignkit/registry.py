@@ -57,6 +57,10 @@ def import_object(path: str) -> object:
     return obj
 
 
+def _is_entry_point(obj: object) -> bool:
+    return hasattr(obj, "load") and hasattr(obj, "group") and hasattr(obj, "value")
+
+
 def is_import_path(name: str) -> bool:
     """Whether ``name`` looks like a dotted import path rather than a registry name."""
     return ":" in name or "." in name
@@ -84,7 +88,11 @@ class Registry(Generic[T]):
         return decorator
 
     def add(self, name: str, obj: T) -> None:
+        self._load_entry_points()
         existing = self._items.get(name)
+        own = f"{getattr(obj, '__module__', '')}:{getattr(obj, '__qualname__', '')}"
+        if _is_entry_point(existing) and existing.value == own:  # type: ignore[union-attr]
+            existing = None  # the entry point's own module registering itself
         if existing is not None and existing is not obj:
             raise RegistryError(
                 f"{self.kind} name {name!r} is already registered to {existing!r}; "
@@ -110,7 +118,7 @@ class Registry(Generic[T]):
         self._load_entry_points()
         if name in self._items:
             obj = self._items[name]
-            if hasattr(obj, "load") and hasattr(obj, "group"):  # an unresolved entry point
+            if _is_entry_point(obj):
                 obj = obj.load()  # type: ignore[union-attr]
                 self._items[name] = obj
             return obj

@@ -292,7 +292,7 @@ class Trainer:
             while self.state.epoch < cfg.train.epochs:
                 epoch = self.state.epoch
                 t0 = time.perf_counter()
-                rollout, schedule = self.rollout(epoch)
+                rollout, _schedule = self.rollout(epoch)
                 t1 = time.perf_counter()
                 table, score, credit = self.score(rollout)
                 t2 = time.perf_counter()

@@ -177,7 +177,9 @@ class DiffusersFlowSampler(FlowMatchingSampler):
         return cls(pipe, cfg, step_kind=step_kind, noise_level=noise_level, device=torch.device(device))
 
     def _lora_target_message(self, transformer: torch.nn.Module) -> str:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)})
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
         return (
             f"backbone.lora.target_modules={list(self.cfg.lora.target_modules)} matched no layer of "
             f"{type(transformer).__name__}; its Linear layer names include: {', '.join(linear[:20])}"

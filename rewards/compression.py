@@ -41,12 +41,16 @@ class JpegCompressibility:
             raise ValueError(f"quality={quality}: JPEG quality must be in 1..100")
         self.quality = quality
 
-    def __call__(self, samples: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]) -> list[float]:
+    def __call__(
+        self, samples: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
+    ) -> list[float]:
         return [-s for s in jpeg_kilobytes(samples, self.quality)]
 
 
 class JpegIncompressibility(JpegCompressibility):
     """Reward = JPEG size in kB: favours detailed, hard-to-compress images."""
 
-    def __call__(self, samples: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]) -> list[float]:
+    def __call__(
+        self, samples: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
+    ) -> list[float]:
         return jpeg_kilobytes(samples, self.quality)

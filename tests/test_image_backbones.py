@@ -39,14 +39,14 @@ def flux_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _ode_rollout(sampler, prompts):  # noqa: ANN001, ANN202
+def _ode_rollout(sampler, prompts):
     engine = RolloutEngine(sampler, batch_size=len(prompts))
     req = RolloutRequest(prompts=prompts, prompt_ids=list(range(len(prompts))), metadata=[{}] * len(prompts),
                          num_seeds=1, seed=7, iteration=0)
     return engine.run(req, Deterministic().schedule(sampler.num_steps, 0, torch.Generator()))
 
 
-def _initial(sampler, n):  # noqa: ANN001, ANN202
+def _initial(sampler, n):
     from alignkit.rollout import sample_generator
 
     return sampler.initial_state([sample_generator(7, 0, i, 0) for i in range(n)])
@@ -104,14 +104,14 @@ def test_sde_rollout_stores_every_step_but_the_last(sd3_folder: Path, step_kind:
 
 
 def test_missing_folder_and_bad_lora_targets(sd3_folder: Path, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="backbone.pretrained"):
+    with pytest.raises(FileNotFoundError, match=r"backbone\.pretrained"):
         SD3Sampler.from_config(_backbone("sd3", tmp_path / "nope"), step_kind="ode", noise_level=0.7, device="cpu")
     with pytest.raises(ValueError, match="target_modules"):
         SD3Sampler.from_config(_backbone("sd3", sd3_folder, lora=LoraConfig(target_modules=["no_such_layer"])),
                                step_kind="ode", noise_level=0.7, device="cpu")
 
 
-def _grad_of_log_prob(sampler) -> dict[str, torch.Tensor]:  # noqa: ANN001
+def _grad_of_log_prob(sampler) -> dict[str, torch.Tensor]:
     """Gradient of one stochastic transition's log-prob w.r.t. the trainable parameters."""
     from alignkit.rollout import sample_generator
 

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -51,8 +50,8 @@ __all__ = [
     "DEFAULT_VOCAB_WORDS",
     "EOS_TOKEN",
     "PAD_TOKEN",
-    "TINY_VAE_SCALE_FACTOR",
     "SD3_MID_TRANSFORMER",
+    "TINY_VAE_SCALE_FACTOR",
     "UNK_TOKEN",
     "build_tiny_flux_pipeline",
     "build_tiny_sd3_pipeline",
