@@ -56,6 +56,7 @@ __all__ = [
     "build_tiny_flux_pipeline",
     "build_tiny_sd3_pipeline",
     "build_tiny_tokenizer",
+    "clip_text_config",
     "load_tiny_pipeline",
     "save_tiny_pipeline",
     "tiny_image_size",
@@ -226,7 +227,7 @@ def _tiny_vae(*, seed: int, sample_size: int, scaling_factor: float, shift_facto
     )
 
 
-def _clip_config(
+def clip_text_config(
     tokenizer: PreTrainedTokenizerFast, *, hidden_size: int, projection_dim: int | None = None
 ) -> CLIPTextConfig:
     return CLIPTextConfig(
@@ -334,9 +335,9 @@ def build_tiny_sd3_pipeline(
         )
         vae = _tiny_vae(seed=seed + 1, sample_size=sample_size, scaling_factor=1.5035, shift_factor=0.0609)
         torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModelWithProjection(_clip_config(tokenizer, hidden_size=clip_l_dim))
+        text_encoder = CLIPTextModelWithProjection(clip_text_config(tokenizer, hidden_size=clip_l_dim))
         torch.manual_seed(seed + 3)
-        text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, hidden_size=clip_g_dim))
+        text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer_2, hidden_size=clip_g_dim))
         if with_t5:
             tokenizer_3 = build_tiny_tokenizer(model_max_length=_T5_MAX_LENGTH)
             text_encoder_3 = _t5_encoder(tokenizer_3, seed=seed + 4, d_model=joint_dim)
@@ -403,7 +404,7 @@ def build_tiny_flux_pipeline(
         )
         vae = _tiny_vae(seed=seed + 1, sample_size=sample_size, scaling_factor=0.3611, shift_factor=0.1159)
         torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(_clip_config(tokenizer, hidden_size=clip_dim))
+        text_encoder = CLIPTextModel(clip_text_config(tokenizer, hidden_size=clip_dim))
         text_encoder_2 = _t5_encoder(tokenizer_2, seed=seed + 3, d_model=t5_dim)
         scheduler = FlowMatchEulerDiscreteScheduler(
             num_train_timesteps=1000,

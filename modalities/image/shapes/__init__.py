@@ -1,0 +1,1 @@
+"""The shapes world: a procedural text-to-image world of simple coloured shapes."""
