@@ -64,7 +64,7 @@ def cmd_eval(args: list[str]) -> int:
     if cfg.eval.checkpoint:
         ckpt = Path(cfg.eval.checkpoint)
         sampler.load_trainable(ckpt / "trainable" if (ckpt / "trainable").is_dir() else ckpt)
-    rewards = RewardSet.from_config(cfg.reward, cfg.algo.reward_aggregation)
+    rewards = RewardSet.from_config({**cfg.reward, **cfg.eval.rewards}, cfg.algo.reward_aggregation)
     rollout, table = evaluate(sampler, rewards, eval_prompts, seed=cfg.eval.seed,
                               seeds_per_prompt=cfg.eval.seeds_per_prompt, batch_size=cfg.eval.batch_size,
                               limit=cfg.eval.num_prompts)

@@ -248,11 +248,30 @@ class PromptsConfig:
 
 @dataclass
 class EvalConfig:
+    """Held-out evaluation: deterministic (ODE) sampling of the evaluation prompts.
+
+    ``every``: also evaluate every N epochs during training (0: only before and after, when
+    ``before_after``). ``rewards``: extra evaluation-only rewards (e.g. a strict variant), scored besides
+    the training rewards. ``checkpoint``: weights to evaluate with ``alignkit eval``.
+    """
+
     num_prompts: int = 8
     seeds_per_prompt: int = 1
     batch_size: int = 8
     checkpoint: str | None = None
     seed: int = 1234
+    every: int = 0
+    before_after: bool = False
+    rewards: dict[str, RewardTermConfig] = field(default_factory=dict)
+
+    def validate(self, path: str, problems: list[str]) -> None:
+        for key in ("num_prompts", "seeds_per_prompt", "batch_size"):
+            if getattr(self, key) < 1:
+                problems.append(f"{path}.{key}={getattr(self, key)}: must be >= 1")
+        if self.every < 0:
+            problems.append(f"{path}.every={self.every}: must be >= 0 (0 disables periodic evaluation)")
+        for name, term in self.rewards.items():
+            term.validate(f"{path}.rewards.{name}", problems)
 
 
 @dataclass
@@ -274,6 +293,7 @@ class RunConfig:
         self.backbone.validate("backbone", problems)
         self.algo.validate("algo", problems)
         self.train.validate("train", problems)
+        self.eval.validate("eval", problems)
         if not self.reward:
             problems.append("reward is empty: add at least one reward, e.g. reward=jpeg_compressibility")
         for name, term in self.reward.items():

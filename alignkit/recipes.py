@@ -81,7 +81,8 @@ def check_names(cfg: RunConfig) -> list[str]:
         ("algo.step_kind", cfg.algo.step_kind, registry.STEP_KINDS),
         ("algo.credit.name", cfg.algo.credit.name, registry.CREDIT_ASSIGNERS),
         ("prompts.source", cfg.prompts.source, registry.PROMPT_SOURCES),
-    ] + [(f"reward.{n}.fn", t.fn, registry.REWARDS) for n, t in cfg.reward.items()]
+    ] + [(f"reward.{n}.fn", t.fn, registry.REWARDS) for n, t in cfg.reward.items()] + [
+        (f"eval.rewards.{n}.fn", t.fn, registry.REWARDS) for n, t in cfg.eval.rewards.items()]
     problems = []
     for path, value, reg in checks:
         if value in reg or (registry.is_import_path(value) and reg is registry.REWARDS):

@@ -59,9 +59,13 @@ def build_sampler(cfg: RunConfig, device: torch.device) -> Sampler:
 
 @dataclass
 class TrainState:
+    """Progress counters, saved in every checkpoint (``history`` is not: it is in metrics.jsonl)."""
+
     epoch: int = 0
     global_step: int = 0
     nonfinite_skipped: int = 0
+    nfe_total: int = 0
+    seconds_total: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -87,6 +91,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.train_prompts, self.eval_prompts = load_prompts(cfg.prompts)
         self.reward_set = reward_set or RewardSet.from_config(cfg.reward, cfg.algo.reward_aggregation)
+        self.eval_reward_set = (
+            RewardSet(self.reward_set.terms + RewardSet.from_config(cfg.eval.rewards, "sum_then_normalize").terms)
+            if cfg.eval.rewards else self.reward_set
+        )
         self.sampler = sampler or build_sampler(cfg, self.device)
         self.plan: ExplorationPlan = build_plan(cfg.algo.plan.name, cfg.algo.plan.options)
         problems = self.plan.validate(self.sampler.num_steps)
@@ -112,6 +120,7 @@ class Trainer:
         self.sampler.set_trainable_module(module)
         self.params = params
         self.ema = EMA(params, t.ema.decay) if t.ema.enabled else None
+        self._last_heldout: float | None = None  # latest held-out mean of the first reward, for the progress bar
         self.state = TrainState()
         self.metrics = MetricsWriter(self.out, tensorboard=tensorboard) if self.is_main else None
 
@@ -128,7 +137,8 @@ class Trainer:
             tensors.update(self.ema.state_dict())
         meta = {
             "epoch": self.state.epoch, "global_step": self.state.global_step,
-            "nonfinite_skipped": self.state.nonfinite_skipped, "optimizer": opt_meta,
+            "nonfinite_skipped": self.state.nonfinite_skipped, "nfe_total": self.state.nfe_total,
+            "seconds_total": self.state.seconds_total, "optimizer": opt_meta,
             "lr_scheduler": self.lr_scheduler.state_dict(), "config": to_dict(self.cfg),
         }
         return save_checkpoint(self.out, self.state.global_step, write_trainable=self.sampler.save_trainable,
@@ -148,6 +158,8 @@ class Trainer:
         self.state.epoch = meta["epoch"]
         self.state.global_step = meta["global_step"]
         self.state.nonfinite_skipped = meta.get("nonfinite_skipped", 0)
+        self.state.nfe_total = meta.get("nfe_total", 0)
+        self.state.seconds_total = meta.get("seconds_total", 0.0)
         logger.info("resumed from %s (epoch %d, step %d)", path, self.state.epoch, self.state.global_step)
         return True
 
@@ -288,6 +300,12 @@ class Trainer:
             self.resume()
         bar = tqdm(total=cfg.train.epochs, initial=self.state.epoch, desc="alignkit", unit="epoch",
                    disable=not self.is_main, dynamic_ncols=True)
+        if cfg.eval.before_after and self.state.epoch == 0 and self.is_main:
+            before = self.evaluate_heldout("eval_before")
+            self.metrics.write(0, {"epoch": 0.0, "global_step": 0.0, "rollout/nfe_total": 0.0,
+                                   "time/total_s": 0.0, **before})
+            bar.write("held-out before training: " + _fmt(before))
+            bar.set_postfix(heldout=f"{self._last_heldout:.3f}")
         try:
             while self.state.epoch < cfg.train.epochs:
                 epoch = self.state.epoch
@@ -299,14 +317,22 @@ class Trainer:
                 stats = self.optimize(rollout, credit, epoch)
                 t3 = time.perf_counter()
                 self.state.epoch += 1
+                self.state.nfe_total += rollout.nfe
+                self.state.seconds_total += t3 - t0
                 metrics = self._epoch_metrics(rollout, table, score, credit, stats, (t0, t1, t2, t3))
+                last = self.state.epoch == cfg.train.epochs
+                if self.is_main and ((cfg.eval.every and self.state.epoch % cfg.eval.every == 0)
+                                     or (last and cfg.eval.before_after)):
+                    after = self.evaluate_heldout("eval_after" if last else f"eval_{self.state.epoch:05d}")
+                    metrics.update(after)
+                    if last:
+                        bar.write("held-out after training: " + _fmt(after))
                 if self.is_main:
                     if epoch % cfg.train.sample_every == 0 or self.state.epoch == cfg.train.epochs:
                         self._save_samples(rollout, score, f"epoch_{epoch:05d}")
                     metrics["time/epoch_s"] = time.perf_counter() - t0
                     self.metrics.write(self.state.epoch, metrics)
-                    bar.set_postfix(reward=f"{metrics['reward/score_mean']:.4g}", kl=f"{stats['train/kl']:.2g}",
-                                    clip=f"{stats['train/clip_fraction']:.2f}")
+                    bar.set_postfix(self._postfix(metrics))
                     bar.update(1)
                 self.state.history.append(metrics)
                 if self.state.epoch % cfg.train.checkpoint_every == 0 or self.state.epoch == cfg.train.epochs:
@@ -318,6 +344,18 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
         return self.state
+
+    def _postfix(self, metrics: dict[str, float], window: int = 10) -> dict[str, str]:
+        """Progress-bar fields: this epoch's reward, its mean over the last ``window`` epochs (the trend
+        through the per-epoch noise of a few prompts), the latest held-out score of the first reward, KL and
+        clip fraction."""
+        recent = [m["reward/score_mean"] for m in self.state.history[-(window - 1):]] + [metrics["reward/score_mean"]]
+        fields = {"reward": f"{metrics['reward/score_mean']:.3f}", f"avg{window}": f"{sum(recent) / len(recent):.3f}"}
+        if self._last_heldout is not None:
+            fields["heldout"] = f"{self._last_heldout:.3f}"
+        fields["kl"] = f"{metrics.get('train/kl', float('nan')):.2g}"
+        fields["clip"] = f"{metrics.get('train/clip_fraction', float('nan')):.2f}"
+        return fields
 
     def _epoch_metrics(self, rollout: Rollout, table: RewardTable, score: torch.Tensor, credit: Credit,
                        stats: dict[str, float], times: tuple[float, float, float, float]) -> dict[str, float]:
@@ -333,12 +371,31 @@ class Trainer:
         m["credit/zero_std_fraction"] = credit.zero_std_fraction
         m["credit/masked_transitions"] = float((~credit.mask).sum())
         m["rollout/nfe"] = float(rollout.nfe)
+        m["rollout/nfe_total"] = float(self.state.nfe_total)
+        m["time/total_s"] = self.state.seconds_total
         m["rollout/samples"] = float(len(rollout.keys))
         m["rollout/transitions"] = float(len(rollout.transitions))
         m["train/nonfinite_skipped"] = float(self.state.nonfinite_skipped)
         m["time/rollout_s"], m["time/reward_s"], m["time/train_s"] = t1 - t0, t2 - t1, t3 - t2
         m.update(stats)
         return m
+
+    def evaluate_heldout(self, name: str) -> dict[str, float]:
+        """Deterministic sampling of the evaluation prompts (EMA weights when enabled); a captioned grid.
+
+        Returns ``eval/<reward>`` means (NaN-masked) for the training and evaluation-only rewards.
+        """
+        e = self.cfg.eval
+        ctx = self.ema.swapped() if self.ema is not None else _nullcontext()
+        with ctx:
+            rollout, table = evaluate(self.sampler, self.eval_reward_set, self.eval_prompts, seed=e.seed,
+                                      seeds_per_prompt=e.seeds_per_prompt, batch_size=e.batch_size,
+                                      limit=e.num_prompts)
+        out = {f"eval/{k}": float(torch.nanmean(v)) for k, v in table.raw.items()}
+        first = next(iter(table.raw.values()))  # the first training reward
+        self._last_heldout = float(torch.nanmean(first))
+        self._save_samples(rollout, first, name, limit=32)
+        return out
 
     def _save_samples(self, rollout: Rollout, score: torch.Tensor, name: str, limit: int = 16) -> Path | None:
         samples = rollout.samples
@@ -348,6 +405,10 @@ class Trainer:
         prompts = rollout.sample_prompts
         captions = [f"{prompts[i]} | r={float(score[i]):.3g}" for i in range(n)]
         return save_grid(samples[:n], captions, self.out / "samples" / f"{name}.png")
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in metrics.items())
 
 
 class _nullcontext:

@@ -29,14 +29,22 @@ LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 BuiltinBuilder = Callable[[], Any]
 BUILTIN_PIPELINES: dict[str, BuiltinBuilder] = {}
-"""``builtin:<name>`` pipelines: random or shipped models built offline, then saved and loaded back."""
+"""``builtin:<name>`` pipelines: a builder returning a pipeline (built offline, saved to the cache and loaded
+back) or a ``Path`` to a pipeline folder shipped in the package."""
 
 
-def register_builtin(name: str) -> Callable[[BuiltinBuilder], BuiltinBuilder]:
+SHIPPED: set[str] = set()
+
+
+def register_builtin(name: str, *, shipped: bool = False) -> Callable[[BuiltinBuilder], BuiltinBuilder]:
+    """Register ``builtin:<name>``; ``shipped`` builders return the ``Path`` of a packaged pipeline folder."""
+
     def decorator(fn: BuiltinBuilder) -> BuiltinBuilder:
         if name in BUILTIN_PIPELINES:
             raise KeyError(f"builtin pipeline {name!r} is already registered")
         BUILTIN_PIPELINES[name] = fn
+        if shipped:
+            SHIPPED.add(name)
         return fn
 
     return decorator
@@ -60,6 +68,8 @@ def resolve_pretrained(pretrained: str) -> str:
             f"backbone.pretrained={pretrained!r}: no builtin pipeline {name!r}; "
             f"valid: {', '.join('builtin:' + n for n in sorted(BUILTIN_PIPELINES))}"
         )
+    if name in SHIPPED:  # shipped weights: a pipeline folder inside the package
+        return str(BUILTIN_PIPELINES[name]())
     folder = builtin_cache_dir() / name
     if not (folder / "model_index.json").exists():
         logger.info("building %s into %s", pretrained, folder)

@@ -12,15 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from PIL import Image
 
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """``[B, 3, H, W]`` float in [0, 1] to PIL RGB images (uint8 rounding)."""
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
+from rewards.common import to_pil
 
 
 def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> list[float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -78,3 +79,11 @@ def _tiny_sd3() -> StableDiffusion3Pipeline:
     from modalities.image.tiny import build_tiny_sd3_pipeline
 
     return build_tiny_sd3_pipeline(seed=0)
+
+
+@register_builtin("shapes", shipped=True)
+def _shapes() -> Path:
+    """The pretrained shapes-world model shipped in ``modalities/image/shapes/weights``."""
+    from modalities.image.shapes.model import shipped_weights
+
+    return shipped_weights()

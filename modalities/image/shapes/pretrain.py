@@ -1,6 +1,6 @@
 """Pretrain the shapes-world model on CPU, reproducibly, and write the shipped weights.
 
-    python -m modalities.image.shapes.pretrain [--out DIR] [--vae-steps 1500] [--steps 6000]
+    python -m modalities.image.shapes.pretrain [--out DIR] [--vae-steps 600] [--steps 4000] [--batch 32]
 
 Stage 1 trains the KL autoencoder on rendered images (MSE + a small KL term), then fixes the latent
 ``shift_factor`` / ``scaling_factor`` from latent statistics. Stage 2 trains the MMDiT and both text
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from modalities.image.shapes.model import TOKEN_LENGTH, WEIGHTS_DIR, build_shapes_pipeline
+from modalities.image.shapes.model import T5_TOKENS, WEIGHTS_DIR, build_shapes_pipeline
 from modalities.image.shapes.world import prompt_set, render_batch
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def train_flow(pipe, steps: int, batch: int, lr: float, seed: int, cfg_dropout: 
             x0 = (vae.encode(images * 2 - 1).latent_dist.mode() - shift) * scale
         pe, _, pooled, _ = pipe.encode_prompt(
             prompt=captions, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
-            max_sequence_length=TOKEN_LENGTH, device=torch.device("cpu"),
+            max_sequence_length=T5_TOKENS, device=torch.device("cpu"),
         )
         sigma = torch.sigmoid(torch.randn(batch, generator=gen))  # logit-normal(0, 1)
         eps = torch.randn(x0.shape, generator=gen)
@@ -111,15 +111,15 @@ def train_flow(pipe, steps: int, batch: int, lr: float, seed: int, cfg_dropout: 
     return {"flow_loss_ema": ema}
 
 
-def pretrain(out: Path, *, seed: int = 0, vae_steps: int = 1500, steps: int = 6000, batch: int = 64,
-             width: int = 128, layers: int = 4) -> dict[str, float]:
+def pretrain(out: Path, *, seed: int = 0, vae_steps: int = 600, steps: int = 4000, batch: int = 32,
+             width: int = 96, layers: int = 4, lr: float = 6e-4) -> dict[str, float]:
     """Build, train and save the shapes-world pipeline into ``out``; returns the training summary."""
     t0 = time.perf_counter()
     pipe = build_shapes_pipeline(seed, width=width, layers=layers)
     info: dict[str, float] = {"seed": seed, "vae_steps": vae_steps, "steps": steps, "batch": batch,
                               "width": width, "layers": layers, "threads": torch.get_num_threads()}
     info |= train_vae(pipe, vae_steps, batch, 1e-3, seed)
-    info |= train_flow(pipe, steps, batch, 1e-3, seed)
+    info |= train_flow(pipe, steps, batch, lr, seed)
     info["seconds"] = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -132,15 +132,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--steps", type=int, default=6000)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--width", type=int, default=96)
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     pretrain(args.out, seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch=args.batch,
-             width=args.width, layers=args.layers)
+             width=args.width, layers=args.layers, lr=args.lr)
 
 
 if __name__ == "__main__":

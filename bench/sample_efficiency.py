@@ -1,0 +1,141 @@
+"""Sample efficiency on the shapes world: held-out ShapeEval against optimizer steps, NFE and seconds.
+
+Methods (each ``--seeds`` runs): Flow-GRPO, TempFlow-GRPO (the released all-steps branching scaled down),
+TempFlow-GRPO with a budgeted branch schedule, and the Flow-GRPO-Fast window variant. Every run trains
+the shipped shapes model with the same prompts and budget of epochs, evaluating the held-out prompts with
+deterministic (ODE) sampling every ``--eval-every`` epochs. Outputs: a JSON of every curve, a markdown
+table and a PNG with three panels (score vs steps, vs NFE, vs seconds); the table gives for each method
+the optimizer steps and NFE it needs to reach the Flow-GRPO runs' final held-out score.
+
+    python bench/sample_efficiency.py [--epochs 16] [--seeds 0 1 2] [--out bench/results/sample_efficiency]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import tempfile
+from pathlib import Path
+
+from alignkit.metrics import read_metrics
+from alignkit.recipes import load_run_config
+from alignkit.trainer import Trainer
+
+logger = logging.getLogger("bench.sample_efficiency")
+
+METHODS: dict[str, list[str]] = {
+    "flow_grpo": ["algo=flow_grpo", "algo.num_seeds=8"],
+    "tempflow_all": ["algo=tempflow_grpo", "algo.num_seeds=2", "algo.plan.options.children=4"],
+    "tempflow_budget": ["algo=tempflow_grpo", "algo.num_seeds=2", "algo.plan.options.children=4",
+                        "algo.plan.options.select=random", "+algo.plan.options.m=2"],
+    "flow_grpo_fast": ["algo=flow_grpo_fast", "algo.num_seeds=8"],
+}
+METRIC = "eval/shapeeval"
+
+
+def run(method: str, seed: int, epochs: int, eval_every: int, workdir: Path, extra: list[str]) -> list[dict]:
+    out = workdir / f"{method}_s{seed}"
+    cfg = load_run_config("shapes_tempflow_grpo", [
+        *METHODS[method], f"output_dir={out}", f"seed={seed}", f"train.epochs={epochs}",
+        f"eval.every={eval_every}", "eval.before_after=true", "train.resume=false",
+        f"train.checkpoint_every={epochs}", f"train.sample_every={epochs}", *extra,
+    ])
+    Trainer(cfg, tensorboard=False).train()
+    rows = read_metrics(out / "metrics.jsonl")
+    return [{"epoch": r["epoch"], "steps": r["global_step"], "nfe": r["rollout/nfe_total"],
+             "seconds": r["time/total_s"], "score": r[METRIC], "strict": r.get("eval/shapeeval_strict", math.nan)}
+            for r in rows if METRIC in r]
+
+
+def first_reaching(curve: list[dict], target: float, key: str) -> float:
+    """Smallest ``key`` at which the held-out score reaches ``target`` (NaN if never)."""
+    for point in curve:
+        if point["score"] >= target:
+            return point[key]
+    return math.nan
+
+
+def table(curves: dict[str, list[list[dict]]]) -> tuple[str, dict[str, dict[str, float]]]:
+    target = statistics.mean(c[-1]["score"] for c in curves["flow_grpo"])
+    summary: dict[str, dict[str, float]] = {}
+    lines = [f"target = Flow-GRPO final held-out ShapeEval (mean of seeds) = {target:.4f}", "",
+             "| method | base | final (mean ± sd) | strict final | steps to target | NFE to target | "
+             "steps ratio vs Flow-GRPO | NFE ratio |", "|---|---|---|---|---|---|---|---|"]
+    for method, runs in curves.items():
+        finals = [c[-1]["score"] for c in runs]
+        steps = [first_reaching(c, target, "steps") for c in runs]
+        nfes = [first_reaching(c, target, "nfe") for c in runs]
+        s = {"base": statistics.mean(c[0]["score"] for c in runs), "final": statistics.mean(finals),
+             "final_sd": statistics.pstdev(finals), "strict": statistics.mean(c[-1]["strict"] for c in runs),
+             "steps_to_target": _nanmean(steps), "nfe_to_target": _nanmean(nfes),
+             "reached": sum(not math.isnan(x) for x in steps)}
+        summary[method] = s
+    for method, s in summary.items():
+        fs, fn = summary["flow_grpo"]["steps_to_target"], summary["flow_grpo"]["nfe_to_target"]
+        lines.append(
+            f"| {method} | {s['base']:.4f} | {s['final']:.4f} ± {s['final_sd']:.4f} | {s['strict']:.3f} | "
+            f"{s['steps_to_target']:.1f} ({s['reached']}/{len(curves[method])} runs) | {s['nfe_to_target']:.0f} | "
+            f"{s['steps_to_target'] / fs:.2f} | {s['nfe_to_target'] / fn:.2f} |"
+        )
+    return "\n".join(lines), summary
+
+
+def _nanmean(xs: list[float]) -> float:
+    ok = [x for x in xs if not math.isnan(x)]
+    return statistics.mean(ok) if ok else math.nan
+
+
+def plot(curves: dict[str, list[list[dict]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for method, runs in curves.items():
+        for i, key in enumerate(("steps", "nfe", "seconds")):
+            for j, c in enumerate(runs):
+                axes[i].plot([p[key] for p in c], [p["score"] for p in c], color=f"C{list(curves).index(method)}",
+                             alpha=0.8, label=method if j == 0 else None)
+    for ax, label in zip(axes, ("optimizer steps", "NFE (model evaluations)", "wall-clock seconds")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out ShapeEval (partial)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--eval-every", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/sample_efficiency"))
+    parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO)
+    args.out.mkdir(parents=True, exist_ok=True)
+    curves: dict[str, list[list[dict]]] = {m: [] for m in args.methods}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            for method in args.methods:
+                curves[method].append(run(method, seed, args.epochs, args.eval_every, Path(tmp), args.overrides))
+                c = curves[method][-1]
+                logger.info("%s seed %d: %.4f -> %.4f in %d steps, %d NFE, %.0f s", method, seed, c[0]["score"],
+                            c[-1]["score"], c[-1]["steps"], c[-1]["nfe"], c[-1]["seconds"])
+                (args.out / "curves.json").write_text(json.dumps(curves, indent=1))
+    text, summary = table(curves) if "flow_grpo" in curves else ("", {})
+    (args.out / "table.md").write_text(text + "\n")
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot(curves, args.out / "curves.png")
+    logger.info("%s\nwritten %s", text, args.out)
+
+
+if __name__ == "__main__":
+    main()
