@@ -3,6 +3,7 @@
     alignkit train [RECIPE] [key=value ...]    train (default recipe: ``default``)
     alignkit eval  [RECIPE] [key=value ...]    deterministic sampling of held-out prompts, reward table, grid
     alignkit list  [recipes|samplers|rewards|plans|steps|credit]
+    alignkit serve-reward NAME [--host H] [--port P] [--kwargs JSON]    serve a reward over HTTP
 """
 
 from __future__ import annotations
@@ -103,9 +104,38 @@ def cmd_list(args: list[str]) -> int:
     return 0
 
 
+def cmd_serve_reward(args: list[str]) -> int:
+    from alignkit.config import RewardTermConfig
+    from alignkit.reward_server import DEFAULT_MAX_REQUEST_BYTES, serve
+    from alignkit.rewards import resolve_reward
+
+    parser = argparse.ArgumentParser(prog="alignkit serve-reward",
+                                     description="Serve a reward over HTTP (protocol: alignkit.reward_protocol).")
+    parser.add_argument("name", help="registry name (alignkit list rewards) or 'package.module:callable'")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    parser.add_argument("--port", type=int, default=8900, help="port to listen on (0: any free port)")
+    parser.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments for the reward")
+    parser.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_BYTES / 2**20,
+                        help="largest request body accepted, in MiB")
+    ns = parser.parse_args(args)
+    try:
+        kwargs = json.loads(ns.kwargs)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--kwargs {ns.kwargs!r} is not JSON ({exc}); e.g. '{{\"quality\": 90}}'") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--kwargs {ns.kwargs!r} must be a JSON object of keyword arguments")
+    reward = resolve_reward(ns.name, RewardTermConfig(fn=ns.name, kwargs=kwargs))
+    try:
+        serve(reward, ns.host, ns.port, ns.name, max_request_bytes=int(ns.max_request_mb * 2**20))
+    except OSError as exc:
+        logger.error("cannot serve on %s:%d: %s; choose another --port or --host", ns.host, ns.port, exc)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alignkit", description="RL alignment of diffusion and flow models.")
-    parser.add_argument("command", choices=["train", "eval", "list"])
+    parser.add_argument("command", choices=["train", "eval", "list", "serve-reward"])
     parser.add_argument("args", nargs=argparse.REMAINDER, help="[RECIPE] [key=value ...]")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     argv = sys.argv[1:] if argv is None else argv
@@ -118,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _register_plugins()
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "list": cmd_list}[ns.command](ns.args)
+        return {"train": cmd_train, "eval": cmd_eval, "list": cmd_list,
+                "serve-reward": cmd_serve_reward}[ns.command](ns.args)
     except (ConfigError, ValueError, FileNotFoundError, ImportError, KeyError) as exc:
         logger.error("%s", exc)
         return 2

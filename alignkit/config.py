@@ -211,6 +211,7 @@ class TrainConfig:
     sample_every: int = 10
     resume: bool = True
     max_nonfinite_steps: int = 3
+    overlap_rewards: bool = True  # score finished samples on a worker thread while the rollout goes on
 
     def validate(self, path: str, problems: list[str]) -> None:
         for key in ("epochs", "prompts_per_epoch", "rollout_batch_size", "train_batch_size",

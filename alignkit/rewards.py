@@ -15,6 +15,7 @@ import logging
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -54,8 +55,18 @@ class RewardTable:
     raw: dict[str, torch.Tensor]
     invalid: dict[str, int]
 
+    @staticmethod
+    def cat(tables: Sequence[RewardTable], index: Sequence[torch.Tensor] | None = None) -> RewardTable:
+        """Concatenate the tables of consecutive chunks; with ``index`` (the sample indices ``[n_i]`` of each
+        chunk), put every score at its sample's position instead."""
+        raw = {name: torch.cat([t.raw[name] for t in tables]) for name in tables[0].raw}
+        if index is not None:
+            order = torch.argsort(torch.cat(list(index)))
+            raw = {name: v[order] for name, v in raw.items()}
+        return RewardTable(raw=raw, invalid={name: sum(t.invalid[name] for t in tables) for name in tables[0].invalid})
 
-def _to_scores(name: str, out: Any, n: int) -> tuple[torch.Tensor, int]:
+
+def to_scores(name: str, out: Any, n: int) -> tuple[torch.Tensor, int]:
     """Validate a reward's output: ``[n]`` float32 with NaN for unscorable samples."""
     if isinstance(out, torch.Tensor):
         values = out.detach().float().cpu().flatten().tolist() if out.dim() <= 1 else None
@@ -128,7 +139,7 @@ class RewardSet:
                 out = term.fn(samples, list(prompts), list(metadata))
             except Exception as exc:
                 raise RuntimeError(f"reward {term.name!r} raised {type(exc).__name__}: {exc}") from exc
-            raw[term.name], invalid[term.name] = _to_scores(term.name, out, len(prompts))
+            raw[term.name], invalid[term.name] = to_scores(term.name, out, len(prompts))
             if invalid[term.name]:
                 logger.warning("reward %r could not score %d of %d samples (masked)", term.name,
                                invalid[term.name], len(prompts))
@@ -145,6 +156,37 @@ class RewardSet:
                 r, _ = group_normalize(r, groups, std=std, eps=eps)
             total = total + term.weight * r
         return total
+
+
+class OverlappedScorer:
+    """Scores chunks of finished samples on a worker thread while the rollout goes on.
+
+    Pass :meth:`submit` as the rollout engine's sink; :meth:`result` waits for every chunk and returns the
+    table in sample order, equal to scoring all samples at once. Rewards run one chunk at a time, in
+    submission order, on a single thread.
+    """
+
+    def __init__(self, reward_set: RewardSet, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]) -> None:
+        self.reward_set = reward_set
+        self.prompts, self.metadata = list(prompts), list(metadata)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignkit-reward")
+        self._futures: list[tuple[torch.Tensor, Future[RewardTable]]] = []
+
+    def submit(self, sample_index: torch.Tensor, prompt_index: torch.Tensor, samples: Any) -> None:
+        """Queue ``samples`` (sample indices ``[n]``, prompt indices ``[n]``) for scoring."""
+        ps = [self.prompts[i] for i in prompt_index.tolist()]
+        ms = [self.metadata[i] for i in prompt_index.tolist()]
+        self._futures.append((sample_index.clone(), self._pool.submit(self.reward_set.score, samples, ps, ms)))
+
+    def result(self) -> RewardTable:
+        """The table of every submitted sample, in sample order; re-raises a reward's error."""
+        try:
+            tables = [f.result() for _, f in self._futures]
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if not tables:
+            raise RuntimeError("no samples were submitted for scoring")
+        return RewardTable.cat(tables, [i for i, _ in self._futures])
 
 
 RewardFactory = Callable[..., Reward]

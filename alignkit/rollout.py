@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,10 @@ from alignkit.types import Rollout, SampleKeys, Transitions, index_batch
 logger = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
+
+SampleSink = Callable[[torch.Tensor, torch.Tensor, Any], None]
+"""Receives finished samples as soon as they are decoded: ``(sample_index [n], prompt_index [n], samples)``
+where ``samples`` is what :meth:`Sampler.decode` returned for those ``n`` samples (e.g. ``[n, 3, H, W]``)."""
 
 
 def mix_seed(*parts: int) -> int:
@@ -72,8 +76,13 @@ class RolloutEngine:
         self.decode_batch_size = decode_batch_size or batch_size
 
     @torch.no_grad()
-    def run(self, request: RolloutRequest, schedule: PlanSchedule) -> Rollout:
-        """Sample the request under ``schedule`` (linear or branching)."""
+    def run(self, request: RolloutRequest, schedule: PlanSchedule, sink: SampleSink | None = None) -> Rollout:
+        """Sample the request under ``schedule`` (linear or branching).
+
+        Samples are decoded in chunks of ``decode_batch_size`` as soon as their trajectories finish; each
+        chunk goes to ``sink`` (if given) while the rollout goes on, so a consumer such as a reward scorer
+        on another thread overlaps with the remaining denoising.
+        """
         sampler = self.sampler
         num_steps = sampler.num_steps
         bad = [s for s in schedule.trained_steps() if not 0 <= s < num_steps - 1]
@@ -88,17 +97,20 @@ class RolloutEngine:
         prompt_index = torch.arange(p_count).repeat_interleave(request.num_seeds)  # [T] one row per noise
         seed_index = torch.arange(request.num_seeds).repeat(p_count)  # [T]
         if schedule.branching:
+            n_samples = len(prompt_index) * len(schedule.branch_steps or ()) * schedule.children
+            decoded = _Decoded(self, n_samples, sink)
             final_state, transitions, keys, nfe = self._branching(request, schedule, cond_all, prompt_index,
-                                                                   seed_index)
+                                                                   seed_index, decoded)
         else:
+            decoded = _Decoded(self, len(prompt_index), sink)
             final_state, transitions, keys, nfe = self._linear(request, schedule, cond_all, prompt_index,
-                                                                seed_index)
+                                                                seed_index, decoded)
         expected = len(prompt_index) * schedule.nfe_per_seed(num_steps)
         if nfe != expected:
             raise AssertionError(f"NFE bookkeeping: counted {nfe}, closed form {expected}")
         return Rollout(
             prompts=list(request.prompts), metadata=list(request.metadata), cond=cond_all, keys=keys,
-            samples=self._decode(final_state), final_state=final_state, transitions=transitions, nfe=nfe,
+            samples=decoded.samples(), final_state=final_state, transitions=transitions, nfe=nfe,
             num_steps=num_steps,
         )
 
@@ -108,7 +120,7 @@ class RolloutEngine:
                                  int(seed_index[r])) for r in rows]
 
     def _linear(self, request: RolloutRequest, schedule: PlanSchedule, cond_all: dict[str, torch.Tensor],
-                prompt_index: torch.Tensor, seed_index: torch.Tensor
+                prompt_index: torch.Tensor, seed_index: torch.Tensor, decoded: _Decoded
                 ) -> tuple[torch.Tensor, Transitions, SampleKeys, int]:
         """One trajectory per initial noise, exploring at ``schedule.stochastic_steps``."""
         stochastic = set(schedule.stochastic_steps)
@@ -122,13 +134,15 @@ class RolloutEngine:
                                              rows)
             finals.append(final)
             parts.extend(stored)
+            decoded.add(rows, prompt_index[rows], final)
+        decoded.flush()
         final_state = torch.cat(finals)
         transitions = Transitions.cat(parts) if parts else _empty_transitions(final_state)
         keys = SampleKeys(prompt_index, seed_index, torch.full_like(prompt_index, -1))
         return final_state, transitions, keys, len(prompt_index) * self.sampler.num_steps
 
     def _branching(self, request: RolloutRequest, schedule: PlanSchedule, cond_all: dict[str, torch.Tensor],
-                   prompt_index: torch.Tensor, seed_index: torch.Tensor
+                   prompt_index: torch.Tensor, seed_index: torch.Tensor, decoded: _Decoded
                    ) -> tuple[torch.Tensor, Transitions, SampleKeys, int]:
         """Deterministic trunks, then ``K`` children per branch step, batched across branch points.
 
@@ -189,7 +203,12 @@ class RolloutEngine:
             nfe += len(idx)
             state[idx] = nxt
             step[idx] += 1
+            done = [r for r in active if int(step[r]) >= n]
+            if done:
+                rows = torch.tensor(done, dtype=torch.long)
+                decoded.add(rows, child_prompt[rows], state[rows])
             active = [r for r in active if int(step[r]) < n]
+        decoded.flush()
         transitions = Transitions.cat(parts) if parts else _empty_transitions(state)
         order = torch.argsort(transitions.sample_index)
         transitions = transitions.select(order)  # one transition per child, in sample order
@@ -221,12 +240,49 @@ class RolloutEngine:
             x = nxt
         return x, stored
 
-    def _decode(self, final_state: torch.Tensor) -> Any:
-        out = [self.sampler.decode(final_state[i : i + self.decode_batch_size])
-               for i in range(0, final_state.shape[0], self.decode_batch_size)]
-        if isinstance(out[0], torch.Tensor):
-            return torch.cat(out)
-        return [item for chunk in out for item in chunk]
+
+class _Decoded:
+    """Decodes finished samples in chunks of the engine's ``decode_batch_size``, hands each chunk to the
+    sink, and assembles all decoded samples in sample order."""
+
+    def __init__(self, engine: RolloutEngine, total: int, sink: SampleSink | None) -> None:
+        self.engine, self.total, self.sink = engine, total, sink
+        self._rows: list[torch.Tensor] = []  # pending sample indices, [n] each
+        self._prompts: list[torch.Tensor] = []
+        self._states: list[torch.Tensor] = []
+        self._chunks: list[tuple[torch.Tensor, Any]] = []
+
+    def add(self, rows: torch.Tensor, prompt_index: torch.Tensor, final: torch.Tensor) -> None:
+        """Finished samples ``rows`` ``[n]`` with their prompt indices ``[n]`` and final states ``[n, ...]``."""
+        self._rows.append(rows)
+        self._prompts.append(prompt_index)
+        self._states.append(final)
+        self.flush(only_full=True)
+
+    def flush(self, only_full: bool = False) -> None:
+        """Decode pending samples in chunks of ``decode_batch_size`` (only full chunks if ``only_full``)."""
+        size = self.engine.decode_batch_size
+        while self._rows and (not only_full or sum(len(r) for r in self._rows) >= size):
+            rows, prompts, states = torch.cat(self._rows), torch.cat(self._prompts), torch.cat(self._states)
+            k = min(size, len(rows))
+            self._rows, self._prompts, self._states = [rows[k:]], [prompts[k:]], [states[k:]]
+            if k == len(rows):
+                self._rows, self._prompts, self._states = [], [], []
+            out = self.engine.sampler.decode(states[:k])
+            self._chunks.append((rows[:k], out))
+            if self.sink is not None:
+                self.sink(rows[:k], prompts[:k], out)
+
+    def samples(self) -> Any:
+        """Decoded samples in sample order (a tensor ``[S, ...]`` or a list of ``S`` items)."""
+        index = torch.cat([rows for rows, _ in self._chunks])
+        if len(index) != self.total or not torch.equal(torch.sort(index).values, torch.arange(self.total)):
+            raise AssertionError(f"decoded {len(index)} samples, expected each of {self.total} once")
+        order = torch.argsort(index)
+        if isinstance(self._chunks[0][1], torch.Tensor):
+            return torch.cat([out for _, out in self._chunks])[order]
+        items = [item for _, out in self._chunks for item in out]
+        return [items[int(i)] for i in order]
 
 
 def _empty_transitions(like: torch.Tensor) -> Transitions:

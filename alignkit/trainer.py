@@ -29,7 +29,7 @@ from alignkit.objective import grpo_objective
 from alignkit.plans import ExplorationPlan, PlanSchedule, build_plan
 from alignkit.prompts import PromptSet, load_prompts
 from alignkit.registry import SAMPLERS
-from alignkit.rewards import RewardSet, RewardTable
+from alignkit.rewards import OverlappedScorer, RewardSet, RewardTable
 from alignkit.rollout import RolloutEngine, RolloutRequest, sample_generator
 from alignkit.types import Credit, Rollout, Transitions, index_batch
 
@@ -121,6 +121,7 @@ class Trainer:
         self.params = params
         self.ema = EMA(params, t.ema.decay) if t.ema.enabled else None
         self._last_heldout: float | None = None  # latest held-out mean of the first reward, for the progress bar
+        self._pending_scorer: OverlappedScorer | None = None  # scoring during the rollout (train.overlap_rewards)
         self.state = TrainState()
         self.metrics = MetricsWriter(self.out, tensorboard=tensorboard) if self.is_main else None
 
@@ -175,10 +176,19 @@ class Trainer:
             metadata=[self.train_prompts.metadata[i] for i in ids], num_seeds=cfg.algo.num_seeds,
             seed=cfg.seed, iteration=epoch,
         )
-        return self.engine.run(request, schedule), schedule
+        scorer = OverlappedScorer(self.reward_set, request.prompts, request.metadata) \
+            if cfg.train.overlap_rewards else None
+        rollout = self.engine.run(request, schedule, sink=scorer.submit if scorer is not None else None)
+        self._pending_scorer = scorer
+        return rollout, schedule
 
     def score(self, rollout: Rollout) -> tuple[RewardTable, torch.Tensor, Credit]:
-        table = self.reward_set.score(rollout.samples, rollout.sample_prompts, rollout.sample_metadata)
+        """Rewards (already computed during the rollout when ``train.overlap_rewards``), group scores, credit."""
+        scorer, self._pending_scorer = self._pending_scorer, None
+        if scorer is not None:
+            table = scorer.result()  # waits only for the chunks still being scored
+        else:
+            table = self.reward_set.score(rollout.samples, rollout.sample_prompts, rollout.sample_metadata)
         groups = self.credit.groups(rollout.keys)
         c = self.cfg.algo.credit
         score = self.reward_set.aggregate(table, groups, std=c.std, eps=c.eps)

@@ -16,9 +16,14 @@ import argparse
 import json
 import logging
 import math
+import os
 import statistics
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
+
+import torch
 
 from alignkit.metrics import read_metrics
 from alignkit.recipes import load_run_config
@@ -28,15 +33,19 @@ logger = logging.getLogger("bench.sample_efficiency")
 
 METHODS: dict[str, list[str]] = {
     "flow_grpo": ["algo=flow_grpo", "algo.num_seeds=8"],
-    "tempflow_all": ["algo=tempflow_grpo", "algo.num_seeds=2", "algo.plan.options.children=4"],
-    "tempflow_budget": ["algo=tempflow_grpo", "algo.num_seeds=2", "algo.plan.options.children=4",
-                        "algo.plan.options.select=random", "+algo.plan.options.m=2"],
+    "tempflow_all": ["algo=tempflow_grpo_small"],  # 2 seeds x 4 children at each of the 7 branch steps
+    "tempflow_budget": ["algo=tempflow_grpo_small", "algo.plan.options.select=random", "+algo.plan.options.m=2"],
     "flow_grpo_fast": ["algo=flow_grpo_fast", "algo.num_seeds=8"],
 }
 METRIC = "eval/shapeeval"
 
 
-def run(method: str, seed: int, epochs: int, eval_every: int, workdir: Path, extra: list[str]) -> list[dict]:
+def run(method: str, seed: int, epochs: int, eval_every: int, workdir: Path, extra: list[str],
+        threads: int = 0) -> list[dict]:
+    """One training run; its held-out curve (one point per evaluation, the first before training)."""
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     out = workdir / f"{method}_s{seed}"
     cfg = load_run_config("shapes_tempflow_grpo", [
         *METHODS[method], f"output_dir={out}", f"seed={seed}", f"train.epochs={epochs}",
@@ -112,9 +121,10 @@ def plot(curves: dict[str, list[list[dict]]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=16)
-    parser.add_argument("--eval-every", type=int, default=2)
+    parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (each gets cpu_count/jobs threads)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/sample_efficiency"))
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run")
     args = parser.parse_args()
@@ -122,14 +132,17 @@ def main() -> None:
     logger.setLevel(logging.INFO)
     args.out.mkdir(parents=True, exist_ok=True)
     curves: dict[str, list[list[dict]]] = {m: [] for m in args.methods}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            for method in args.methods:
-                curves[method].append(run(method, seed, args.epochs, args.eval_every, Path(tmp), args.overrides))
-                c = curves[method][-1]
-                logger.info("%s seed %d: %.4f -> %.4f in %d steps, %d NFE, %.0f s", method, seed, c[0]["score"],
-                            c[-1]["score"], c[-1]["steps"], c[-1]["nfe"], c[-1]["seconds"])
-                (args.out / "curves.json").write_text(json.dumps(curves, indent=1))
+    jobs = [(m, seed) for seed in args.seeds for m in args.methods]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        futures = {job: pool.submit(run, *job, args.epochs, args.eval_every, Path(tmp), args.overrides, threads)
+                   for job in jobs}
+        for (method, seed), future in futures.items():
+            c = future.result()
+            curves[method].append(c)
+            logger.info("%s seed %d: %.4f -> %.4f in %d steps, %d NFE, %.0f s", method, seed, c[0]["score"],
+                        c[-1]["score"], c[-1]["steps"], c[-1]["nfe"], c[-1]["seconds"])
+            (args.out / "curves.json").write_text(json.dumps(curves, indent=1))
     text, summary = table(curves) if "flow_grpo" in curves else ("", {})
     (args.out / "table.md").write_text(text + "\n")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -26,7 +26,7 @@ from rewards.shapeeval import ShapeEval
 def test_prompt_source_splits_and_metadata() -> None:
     cfg = load_run_config("shapes_tempflow_grpo").prompts
     train, heldout = shapes_source(cfg)
-    assert len(train) == 512 and len(heldout) == 48
+    assert len(train) == 512 and len(heldout) == 96
     assert all(split_of(p) == "train" for p in train.prompts)
     assert all(split_of(p) == "heldout" for p in heldout.prompts)
     assert all(PromptSpec.from_metadata(m).caption() == p for p, m in zip(train.prompts, train.metadata))
@@ -45,11 +45,12 @@ def test_pretrained_model_is_decent_but_imperfect() -> None:
                          max_sequence_length=1, lora=LoraConfig(enabled=True, rank=4, alpha=8))
     sampler = SD3Sampler.from_config(cfg, step_kind="flow_grpo", noise_level=0.7, device="cpu")
     _, heldout = shapes_source(load_run_config("shapes_tempflow_grpo").prompts)
-    rewards = RewardSet([RewardTerm("partial", ShapeEval("partial"), 1.0), RewardTerm("strict", ShapeEval("strict"), 0)])
-    _, table = evaluate(sampler, rewards, heldout, seed=0, seeds_per_prompt=1, batch_size=48)
+    rewards = RewardSet([RewardTerm("partial", ShapeEval("partial"), 1.0),
+                         RewardTerm("strict", ShapeEval("strict"), 0.0)])
+    _, table = evaluate(sampler, rewards, heldout, seed=0, seeds_per_prompt=2, batch_size=96)
     partial, strict = float(table.raw["partial"].mean()), float(table.raw["strict"].mean())
     # chance: clean renders of a different prompt score 0.23 partial / 0.01 strict; the shipped model
-    # scores 0.38 / 0.08 (measured with `alignkit eval shapes_tempflow_grpo`)
+    # scores 0.37 / 0.14 on these 192 samples (`alignkit eval shapes_tempflow_grpo`)
     assert 0.3 < partial < 0.8 and 0.03 < strict < 0.6, (partial, strict)
 
 

@@ -193,3 +193,50 @@ def test_tempflow_recipe_trains(tmp_path: Path) -> None:
     assert row["train/first_ratio"] == pytest.approx(1.0, abs=1e-6)
     assert row["rollout/nfe"] == 4 * (2 + 2 * (4 + 3 + 2))
     assert math.isfinite(row["train/loss"]) and state.global_step == math.ceil(4 * 3 * 2 / 8)
+
+
+@pytest.mark.parametrize("plan", ["linear", "branch"])
+def test_rewards_scored_during_the_rollout_equal_scoring_at_the_end(sampler: SD3Sampler, plan: str) -> None:
+    """Chunks reach the sink while the rollout goes on; the assembled table equals one call on all samples."""
+    from alignkit.rewards import OverlappedScorer, RewardSet, RewardTerm
+    from rewards.compression import JpegCompressibility
+
+    events: list[str] = []
+
+    class Recording(JpegCompressibility):
+        def __call__(self, samples, prompts, metadata):
+            events.append(f"score {len(prompts)}")
+            return super().__call__(samples, prompts, metadata)
+
+    reward_set = RewardSet([RewardTerm("jpeg", Recording(), 1.0)])
+    schedule = _branch(children=2) if plan == "branch" else AllStochastic().schedule(N_STEPS, 0, torch.Generator())
+    engine = RolloutEngine(sampler, batch_size=2, decode_batch_size=2)
+    real_transition = sampler.transition
+
+    def transition(*args, **kwargs):
+        events.append("step")
+        return real_transition(*args, **kwargs)
+
+    req = _request()
+    scorer = OverlappedScorer(reward_set, req.prompts, req.metadata)
+    sampler.transition = transition  # type: ignore[method-assign]
+    try:
+        rollout = engine.run(req, schedule, sink=scorer.submit)
+    finally:
+        del sampler.transition
+    table = scorer.result()
+    expected = reward_set.score(rollout.samples, rollout.sample_prompts, rollout.sample_metadata)
+    assert torch.equal(table.raw["jpeg"], expected.raw["jpeg"])
+    # chunks of at most decode_batch_size were scored, and the first before the last denoising step
+    sizes = [int(e.split()[1]) for e in events if e.startswith("score")][:-1]
+    assert sizes and max(sizes) <= 2 and sum(sizes) == len(rollout.sample_prompts)
+    first_score = next(i for i, e in enumerate(events) if e.startswith("score"))
+    last_step = max(i for i, e in enumerate(events) if e == "step")
+    assert first_score < last_step
+
+
+def test_decoded_samples_do_not_depend_on_decode_chunking(sampler: SD3Sampler) -> None:
+    req, schedule = _request(), _branch(children=2)
+    a = RolloutEngine(sampler, batch_size=64).run(req, schedule)
+    b = RolloutEngine(sampler, batch_size=64, decode_batch_size=5).run(req, schedule)
+    assert torch.allclose(a.samples, b.samples, atol=1e-5)
