@@ -167,3 +167,11 @@ def test_registering_a_name_taken_by_an_entry_point_raises():
 
     reg.add("sd3", SD3Sampler)  # the entry point's own class may register itself
     assert reg.get("sd3") is SD3Sampler
+
+
+def test_multi_objective_recipe_weights_and_drops_from_the_command_line() -> None:
+    cfg = load_run_config("shapes_multi_objective", ["reward.jpeg.weight=0.5"])
+    assert {k: (t.fn, t.weight) for k, t in cfg.reward.items()} == {
+        "shapeeval": ("shapeeval", 1.0), "jpeg": ("jpeg_compressibility", 0.5)}
+    assert cfg.algo.reward_aggregation == "normalize_then_sum"
+    assert list(load_run_config("shapes_multi_objective", ["~reward.jpeg"]).reward) == ["shapeeval"]
