@@ -53,7 +53,7 @@ def cmd_train(args: list[str]) -> int:
 def cmd_eval(args: list[str]) -> int:
     import torch
 
-    from alignkit.media import save_grid
+    from alignkit.media import save_samples
     from alignkit.prompts import load_prompts
     from alignkit.rewards import RewardSet
     from alignkit.trainer import build_sampler, evaluate, resolve_device
@@ -77,10 +77,9 @@ def cmd_eval(args: list[str]) -> int:
     summary = {k: float(torch.nanmean(v)) for k, v in table.raw.items()}
     (out / "rewards.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    if isinstance(rollout.samples, torch.Tensor) and rollout.samples.dim() == 4:
-        name = next(iter(table.raw))
-        caps = [f"{p} | {name}={float(table.raw[name][i]):.3g}" for i, p in enumerate(rollout.sample_prompts)]
-        save_grid(rollout.samples, caps, out / "grid.png")
+    name = next(iter(table.raw))
+    caps = [f"{p} | {name}={float(table.raw[name][i]):.3g}" for i, p in enumerate(rollout.sample_prompts)]
+    save_samples(rollout.samples, caps, out / "grid.png")
     width = max(len(k) for k in summary)
     print("\n".join(f"{k:<{width}}  {v:.4f}" for k, v in summary.items()))  # noqa: T201 - the command's output
     logger.info("eval table and grid in %s", out)
@@ -146,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if ns.command in ("train", "eval") and ns.args[:1] in (["-h"], ["--help"]):
+        sys.stdout.write(__doc__ + "\nRECIPE is a name from `alignkit list recipes`; key=value pairs are hydra "
+                         "overrides of any recipe field (e.g. train.epochs=4 algo=flow_grpo reward.jpeg.weight=0.5).\n")
+        return 0
     _register_plugins()
     try:
         return {"train": cmd_train, "eval": cmd_eval, "list": cmd_list,

@@ -48,7 +48,12 @@ class LoraConfig:
 
 @dataclass
 class BackboneConfig:
-    """Which model to align and how to sample it."""
+    """Which model to align and how to sample it.
+
+    ``num_frames`` is the number of frames per sample for video backbones (image backbones ignore it; a
+    video adapter checks it against its VAE's temporal compression, e.g. ``4k + 1`` for Wan).
+    ``vae_tiling`` / ``vae_slicing`` decode in spatial tiles / one sample at a time to save memory.
+    """
 
     name: str = "???"
     pretrained: str = "???"
@@ -58,11 +63,14 @@ class BackboneConfig:
     trust_remote_code: bool = False
     height: int = 512
     width: int = 512
+    num_frames: int = 1
     num_steps: int = 10
     guidance_scale: float = 4.5
     negative_prompt: str = ""
     max_sequence_length: int = 256
     gradient_checkpointing: bool = False
+    vae_tiling: bool = False
+    vae_slicing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -77,6 +85,8 @@ class BackboneConfig:
         for key in ("height", "width"):
             if getattr(self, key) < 8 or getattr(self, key) % 8:
                 problems.append(f"{path}.{key}={getattr(self, key)}: must be a positive multiple of 8")
+        if self.num_frames < 1:
+            problems.append(f"{path}.num_frames={self.num_frames}: must be >= 1 (1 for images; e.g. 33 for Wan)")
         if self.guidance_scale < 0:
             problems.append(f"{path}.guidance_scale={self.guidance_scale}: must be >= 0 (1 disables CFG)")
         self.lora.validate(f"{path}.lora", problems)

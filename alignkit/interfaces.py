@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from alignkit.config import BackboneConfig
 from alignkit.types import Conditioning
 
 
@@ -57,6 +58,14 @@ class Sampler(ABC):
     """
 
     modality: str = "unknown"
+
+    @classmethod
+    def check_config(cls, cfg: BackboneConfig, path: str = "backbone") -> list[str]:
+        """Problems with backbone settings this adapter cannot sample, found before any model loads.
+
+        Each problem names the field, the bad value and the fix (e.g. Wan: ``num_frames`` must be ``4k + 1``).
+        """
+        return []
 
     @property
     @abstractmethod

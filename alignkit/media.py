@@ -1,10 +1,11 @@
-"""Sample grids captioned with prompt and reward."""
+"""Sample grids captioned with prompt and reward: images as a grid, videos as one frame strip per sample."""
 
 from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -19,24 +20,55 @@ def save_grid(
     cell: int = 128,
     caption_lines: int = 3,
 ) -> Path:
-    """Write ``images`` ``[B, 3, H, W]`` in [0, 1] as a captioned PNG grid (nearest upscaling to ``cell``)."""
+    """Write ``images`` ``[B, 3, H, W]`` in [0, 1] as a captioned PNG grid.
+
+    Each image is scaled (nearest) to ``cell`` pixels high, keeping its aspect ratio.
+    """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"save_grid expects [B, 3, H, W] images, got {tuple(images.shape)}")
-    n = images.shape[0]
+    n, _, h, w = images.shape
+    cell_w = max(1, round(cell * w / h))
     rows = (n + columns - 1) // columns
     font = ImageFont.load_default()
     line_h = 11
     text_h = caption_lines * line_h + 4
-    grid = Image.new("RGB", (columns * cell, rows * (cell + text_h)), "white")
+    grid = Image.new("RGB", (columns * cell_w, rows * (cell + text_h)), "white")
     draw = ImageDraw.Draw(grid)
     arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    wrap = max(8, cell // 6)
+    wrap = max(8, cell_w // 6)
     for i in range(n):
-        x, y = (i % columns) * cell, (i // columns) * (cell + text_h)
-        grid.paste(Image.fromarray(arr[i]).resize((cell, cell), Image.NEAREST), (x, y))
+        x, y = (i % columns) * cell_w, (i // columns) * (cell + text_h)
+        grid.paste(Image.fromarray(arr[i]).resize((cell_w, cell), Image.NEAREST), (x, y))
         lines = textwrap.wrap(captions[i] if i < len(captions) else "", wrap)[:caption_lines]
         for j, line in enumerate(lines):
             draw.text((x + 2, y + cell + 2 + j * line_h), line, fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
+
+
+def frame_strips(videos: torch.Tensor, max_frames: int = 8) -> torch.Tensor:
+    """Videos ``[B, F, 3, H, W]`` to strips ``[B, 3, H, k W]`` of ``k = min(F, max_frames)`` evenly spaced
+    frames (first and last included), side by side in time order."""
+    if videos.dim() != 5 or videos.shape[2] != 3:
+        raise ValueError(f"frame_strips expects [B, F, 3, H, W] videos, got {tuple(videos.shape)}")
+    if max_frames < 1:
+        raise ValueError(f"max_frames={max_frames}: must be >= 1")
+    f = videos.shape[1]
+    index = torch.linspace(0, f - 1, min(f, max_frames)).round().long()  # [k]
+    picked = videos[:, index]  # [B, k, 3, H, W]
+    return torch.cat(picked.unbind(1), dim=-1)  # [B, 3, H, k W]
+
+
+def save_samples(
+    samples: Any, captions: Sequence[str], path: Path, *, cell: int = 128, max_frames: int = 8
+) -> Path | None:
+    """Write image samples ``[B, 3, H, W]`` as a grid or video samples ``[B, F, 3, H, W]`` as a column of
+    frame strips (one row per video); other samples (token ids, text) have no picture: returns None."""
+    if not isinstance(samples, torch.Tensor):
+        return None
+    if samples.dim() == 4:
+        return save_grid(samples, captions, path, cell=cell)
+    if samples.dim() == 5:
+        return save_grid(frame_strips(samples, max_frames), captions, path, columns=1, cell=cell)
+    return None

@@ -88,6 +88,10 @@ def check_names(cfg: RunConfig) -> list[str]:
         if value in reg or (registry.is_import_path(value) and reg is registry.REWARDS):
             continue
         problems.append(f"{path}={value!r}: unknown {reg.kind} name; valid: {', '.join(reg.names())}")
+    if cfg.backbone.name in registry.SAMPLERS:
+        check = getattr(registry.SAMPLERS.get(cfg.backbone.name), "check_config", None)
+        if check is not None:
+            problems += check(cfg.backbone, "backbone")
     if cfg.algo.plan.name in registry.EXPLORATION_PLANS:
         try:
             plan = alignkit.plans.build_plan(cfg.algo.plan.name, cfg.algo.plan.options)

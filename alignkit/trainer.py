@@ -23,7 +23,7 @@ from alignkit.config import RunConfig, to_dict
 from alignkit.credit import CreditAssigner, build_credit
 from alignkit.ema import EMA
 from alignkit.interfaces import Sampler
-from alignkit.media import save_grid
+from alignkit.media import save_samples
 from alignkit.metrics import MetricsWriter
 from alignkit.objective import grpo_objective
 from alignkit.plans import ExplorationPlan, PlanSchedule, build_plan
@@ -408,13 +408,14 @@ class Trainer:
         return out
 
     def _save_samples(self, rollout: Rollout, score: torch.Tensor, name: str, limit: int = 16) -> Path | None:
+        """A captioned PNG of the first ``limit`` samples: an image grid, or one frame strip per video."""
         samples = rollout.samples
-        if not isinstance(samples, torch.Tensor) or samples.dim() != 4:
+        if not isinstance(samples, torch.Tensor):
             return None
         n = min(limit, samples.shape[0])
         prompts = rollout.sample_prompts
         captions = [f"{prompts[i]} | r={float(score[i]):.3g}" for i in range(n)]
-        return save_grid(samples[:n], captions, self.out / "samples" / f"{name}.png")
+        return save_samples(samples[:n], captions, self.out / "samples" / f"{name}.png")
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -52,7 +52,7 @@ def test_overrides_apply():
 
 def _problems(overrides: list[str]) -> str:
     with pytest.raises(ConfigError) as info:
-        load_run_config("default", overrides)
+        load_run_config("sd3_tiny_flow_grpo", overrides)
     assert info.value.problems
     return str(info.value)
 
@@ -97,7 +97,7 @@ def test_all_problems_reported_at_once():
         "algo.credit.group_by=step", "algo.objective.clip_range=0", "backbone.height=30", "device=tpu",
     ]
     with pytest.raises(ConfigError) as info:
-        load_run_config("default", overrides)
+        load_run_config("sd3_tiny_flow_grpo", overrides)
     problems = info.value.problems
     expected = {
         "algo.num_seeds=1": ["2 or more"],

@@ -64,7 +64,7 @@ def train_vae(pipe, steps: int, batch: int, lr: float, seed: int) -> dict[str, f
         lat = vae.encode(images * 2 - 1).latent_dist.mode()
     shift, scale = float(lat.mean()), float(1.0 / lat.std())
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    return {"vae_loss": float(loss), "shift_factor": shift, "scaling_factor": scale}
+    return {"vae_loss": float(loss.detach()), "shift_factor": shift, "scaling_factor": scale}
 
 
 def train_flow(pipe, steps: int, batch: int, lr: float, seed: int, cfg_dropout: float = 0.1) -> dict[str, float]:
