@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from safetensors.torch import load_file
 
-from alignkit.config import BackboneConfig
+from alignkit.config import BackboneConfig, ConfigError
 from alignkit.flow import FlowMatchingSampler
 
 logger = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ class DiffusersFlowSampler(FlowMatchingSampler):
             module = getattr(pipe, name, None)
             if module is not None:
                 module.requires_grad_(False).eval()
+        self._configure_vae(getattr(pipe, "vae", None))
         transformer: torch.nn.Module = pipe.transformer
         self._reference_copy: torch.nn.Module | None = None
         if cfg.lora.enabled:
@@ -182,9 +183,23 @@ class DiffusersFlowSampler(FlowMatchingSampler):
     def from_config(
         cls, cfg: BackboneConfig, *, step_kind: str, noise_level: float, device: torch.device | str
     ) -> DiffusersFlowSampler:
-        """Load the pipeline named by ``cfg.pretrained`` and wrap it."""
+        """Check ``cfg`` (:meth:`check_config`), load the pipeline named by ``cfg.pretrained`` and wrap it."""
+        problems = cls.check_config(cfg)
+        if problems:
+            raise ConfigError(problems)
         pipe = load_pipeline(cls.pipeline_class, cfg)
         return cls(pipe, cfg, step_kind=step_kind, noise_level=noise_level, device=torch.device(device))
+
+    def _configure_vae(self, vae: torch.nn.Module | None) -> None:
+        """Apply ``backbone.vae_tiling`` / ``backbone.vae_slicing`` (an error when the VAE lacks them)."""
+        for key, method in (("vae_tiling", "enable_tiling"), ("vae_slicing", "enable_slicing")):
+            if not getattr(self.cfg, key):
+                continue
+            if vae is None or not callable(getattr(vae, method, None)):
+                raise ValueError(
+                    f"backbone.{key}=true: the VAE ({type(vae).__name__}) has no {method}(); set backbone.{key}=false"
+                )
+            getattr(vae, method)()
 
     def _lora_target_message(self, transformer: torch.nn.Module) -> str:
         linear = sorted(
@@ -296,6 +311,16 @@ class DiffusersFlowSampler(FlowMatchingSampler):
                 p.data = p.data.float()
 
     # --- helpers for subclasses -----------------------------------------------------------------------
+
+    @property
+    def do_cfg(self) -> bool:
+        """Whether classifier-free guidance is on (``guidance_scale > 1``), in sampling and in training."""
+        return self.cfg.guidance_scale > 1.0
+
+    def guide(self, out: torch.Tensor) -> torch.Tensor:
+        """CFG of a batched prediction ``[2B, ...]`` (unconditional rows first) -> ``[B, ...]``."""
+        uncond, text = out.chunk(2)
+        return uncond + self.cfg.guidance_scale * (text - uncond)
 
     def model_timestep(self, step: torch.Tensor) -> torch.Tensor:
         """``[B]`` model timesteps for schedule indices ``step``."""

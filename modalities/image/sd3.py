@@ -26,10 +26,6 @@ class SD3Sampler(DiffusersFlowSampler):
     pipeline_class: ClassVar[type] = StableDiffusion3Pipeline
 
     @property
-    def do_cfg(self) -> bool:
-        return self.cfg.guidance_scale > 1.0
-
-    @property
     def latent_shape(self) -> tuple[int, int, int]:
         """``(C, h, w)`` of one latent."""
         f = self.pipe.vae_scale_factor
@@ -63,10 +59,7 @@ class SD3Sampler(DiffusersFlowSampler):
         out = self.transformer(
             hidden_states=x, timestep=t, encoder_hidden_states=emb, pooled_projections=pooled, return_dict=False
         )[0]
-        if self.do_cfg:
-            uncond, text = out.chunk(2)
-            out = uncond + self.cfg.guidance_scale * (text - uncond)
-        return out
+        return self.guide(out) if self.do_cfg else out
 
     def decode(self, state: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -1,0 +1,97 @@
+"""A tiny, randomly initialised Wan text-to-video pipeline built entirely offline.
+
+Component sizes follow diffusers' own Wan pipeline tests (``tests/pipelines/wan/test_wan.py``): a 2-layer
+``WanTransformer3DModel`` (2 heads of 12 dims, patch ``(1, 2, 2)``), an ``AutoencoderKLWan`` with base width 3
+that compresses 8x in space and 4x in time, and a 2-layer UMT5 encoder of width 32 whose word-level tokenizer
+is built in-process (:func:`modalities.image.tiny.build_tiny_tokenizer`). Call it with ``height`` and
+``width`` multiples of 16 and ``num_frames = 4k + 1`` (e.g. 32 x 32 px, 9 frames: latents ``[B, 16, 3, 4, 4]``).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (
+    AutoencoderKLWan,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+from transformers import UMT5Config, UMT5EncoderModel
+
+from modalities.image.tiny import _finalize, build_tiny_tokenizer
+
+__all__ = ["TINY_WAN_FLOW_SHIFT", "build_tiny_wan_pipeline"]
+
+TINY_WAN_FLOW_SHIFT = 3.0
+"""The schedule shift of the tiny pipeline (Wan2.1's 480p value)."""
+
+_TEXT_DIM = 32
+_T5_MAX_LENGTH = 512
+
+
+def _umt5_encoder(vocab_size: int, pad_id: int, eos_id: int, *, seed: int) -> UMT5EncoderModel:
+    torch.manual_seed(seed)
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=_TEXT_DIM,
+        d_kv=8,
+        d_ff=2 * _TEXT_DIM,
+        num_layers=2,
+        num_decoder_layers=0,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        decoder_start_token_id=pad_id,
+    )
+    return UMT5EncoderModel(config)
+
+
+def build_tiny_wan_pipeline(
+    *, seed: int = 0, scheduler: str = "unipc", dtype: torch.dtype = torch.float32
+) -> WanPipeline:
+    """Builds a tiny random Wan2.1-style text-to-video pipeline offline.
+
+    Args:
+        seed: Seed for all random weights; the global torch RNG state is restored afterwards.
+        scheduler: ``"unipc"``: ``UniPCMultistepScheduler`` with flow sigmas (shift 3), as the released
+            Wan2.1 diffusers checkpoints ship it; ``"euler"``: ``FlowMatchEulerDiscreteScheduler`` (shift 3),
+            the scheduler whose steps :class:`modalities.video.wan.WanSampler`'s ODE reproduces exactly.
+        dtype: Dtype of every module.
+
+    Returns:
+        The pipeline on CPU, every module in eval mode (as after ``from_pretrained``), progress bar off.
+    """
+    if scheduler not in ("unipc", "euler"):
+        raise ValueError(f"scheduler={scheduler!r}: use 'unipc' (as the released checkpoints) or 'euler'")
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = build_tiny_tokenizer(model_max_length=_T5_MAX_LENGTH)
+        torch.manual_seed(seed)
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+            text_dim=_TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        )
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
+        text_encoder = _umt5_encoder(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, seed=seed + 2)
+    if scheduler == "unipc":
+        sched = UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=TINY_WAN_FLOW_SHIFT,
+            num_train_timesteps=1000,
+        )
+    else:
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=TINY_WAN_FLOW_SHIFT)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=sched,
+                       transformer=transformer)
+    _finalize(pipe, dtype)
+    return pipe
+
