@@ -25,9 +25,6 @@ from modalities.diffusers_common import LORA_WEIGHTS_NAME, resolve_pretrained
 from modalities.video.tiny import TINY_WAN_FLOW_SHIFT, build_tiny_wan_pipeline
 from modalities.video.wan import WanSampler, flow_euler_scheduler
 
-if "wan" not in SAMPLERS:  # until the `wan` entry point (pyproject, alignkit.samplers) is installed
-    SAMPLERS.add("wan", WanSampler)
-
 PROMPTS = ["a red circle", "two blue squares"]
 N_STEPS, FRAMES, SIZE = 4, 9, 32
 LATENT = (16, 3, 4, 4)  # [C, f, h, w] of a 9-frame 32 x 32 clip
@@ -262,3 +259,7 @@ def test_wan_tiny_tempflow_grpo_trains(tmp_path: Path) -> None:
     loaded = {_plain(n): p for n, p in stock.transformer.named_parameters() if "lora_" in n}
     assert len(loaded) == len(lora1) == len(saved)
     assert all(torch.equal(loaded[_plain(n)].detach(), v) for n, v in lora1.items())
+
+
+def test_wan_is_a_registered_sampler() -> None:
+    assert SAMPLERS.get("wan") is WanSampler
