@@ -132,6 +132,15 @@ class RewardSet:
         return cls(terms, aggregation)
 
     def score(self, samples: Any, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]) -> RewardTable:
+        """Every reward's ``[S]`` scores. Tensor samples with a non-finite value (a diverged decode) are not
+        shown to the rewards: they score NaN under every reward and count as invalid."""
+        n = len(prompts)
+        rows = finite_rows(samples, n)
+        if len(rows) < n:
+            logger.warning("%d of %d samples have non-finite values: masked under every reward", n - len(rows), n)
+            samples = samples[rows]
+            prompts = [prompts[i] for i in rows.tolist()]
+            metadata = [metadata[i] for i in rows.tolist()]
         raw: dict[str, torch.Tensor] = {}
         invalid: dict[str, int] = {}
         for term in self.terms:
@@ -139,23 +148,41 @@ class RewardSet:
                 out = term.fn(samples, list(prompts), list(metadata))
             except Exception as exc:
                 raise RuntimeError(f"reward {term.name!r} raised {type(exc).__name__}: {exc}") from exc
-            raw[term.name], invalid[term.name] = to_scores(term.name, out, len(prompts))
-            if invalid[term.name]:
-                logger.warning("reward %r could not score %d of %d samples (masked)", term.name,
-                               invalid[term.name], len(prompts))
+            scores, bad = to_scores(term.name, out, len(prompts))
+            if bad:
+                logger.warning("reward %r could not score %d of %d samples (masked)", term.name, bad, len(prompts))
+            raw[term.name] = torch.full((n,), math.nan).index_copy_(0, rows, scores)
+            invalid[term.name] = bad + n - len(rows)
         return RewardTable(raw=raw, invalid=invalid)
 
     def aggregate(
         self, table: RewardTable, groups: torch.Tensor, *, std: str = "group", eps: float = 1e-4
     ) -> torch.Tensor:
-        """``[S]`` combined score (NaN where any reward is invalid)."""
-        total = torch.zeros_like(next(iter(table.raw.values())))
-        for term in self.terms:
-            r = table.raw[term.name]
+        """``[S]`` combined score, NaN where any weighted reward is invalid.
+
+        Rewards of weight 0 are logged only: they neither change nor mask the score. With
+        ``normalize_then_sum`` every reward is normalised over the samples valid under all weighted rewards,
+        so a sample masked by one reward does not shift another reward's group statistics.
+        """
+        weighted = [t for t in self.terms if t.weight != 0]
+        if not weighted:
+            raise ValueError("every reward has weight 0: give at least one reward a non-zero weight")
+        valid = torch.stack([~torch.isnan(table.raw[t.name]) for t in weighted]).all(dim=0)  # [S]
+        total = torch.zeros_like(table.raw[weighted[0].name])
+        for term in weighted:
+            r = torch.where(valid, table.raw[term.name], torch.full_like(total, math.nan))  # [S]
             if self.aggregation == "normalize_then_sum":
                 r, _ = group_normalize(r, groups, std=std, eps=eps)
             total = total + term.weight * r
         return total
+
+
+def finite_rows(samples: Any, n: int) -> torch.Tensor:
+    """``[k]`` indices of the samples without NaN / inf values (all ``n`` for non-tensor samples)."""
+    if not (isinstance(samples, torch.Tensor) and samples.is_floating_point()):
+        return torch.arange(n)
+    flat = samples.detach().reshape(samples.shape[0], -1)  # [S, D]
+    return torch.isfinite(flat).all(dim=1).cpu().nonzero().flatten()
 
 
 class OverlappedScorer:

@@ -15,11 +15,11 @@ Text normalisation (both recognised and target text): ``lowercase`` casefolds; `
 ``"remove"`` (drop all whitespace, as Flow-GRPO does), ``"collapse"`` (runs of whitespace -> one space,
 stripped) or ``"keep"``.
 
-Output scale: [0, 1], 1 = the target was read exactly. ``scoring="flow_grpo"`` (default) follows
-Flow-GRPO's ``flow_grpo/ocr.py``: ``d = 0`` if the target is a substring of the recognised text, else
-``d = min(lev(recognised, target), len(target))``; score ``1 - d / len(target)``. Extra text around a
-correct rendering is therefore not penalised. ``scoring="normalized"`` is the symmetric normalised edit
-distance ``1 - lev / max(len(target), len(recognised))``, which also penalises extra text. An image with
+Output scale: [0, 1], 1 = the target was read exactly. ``scoring="normalized"`` (default) is one minus
+the normalised edit distance, ``1 - lev(recognised, target) / max(len(target), len(recognised))``, which
+also penalises extra text. ``scoring="flow_grpo"`` follows Flow-GRPO's ``flow_grpo/ocr.py``: ``d = 0`` if
+the target is a substring of the recognised text, else ``d = min(lev(recognised, target), len(target))``;
+score ``1 - d / len(target)``, so extra text around a correct rendering is not penalised. An image with
 no readable text scores 0 under both.
 """
 
@@ -93,7 +93,7 @@ def normalize_text(text: str, *, lowercase: bool = True, whitespace: str = "remo
     return text.casefold() if lowercase else text
 
 
-def ocr_score(recognized: str, target: str, scoring: str = "flow_grpo") -> float:
+def ocr_score(recognized: str, target: str, scoring: str = "normalized") -> float:
     """Score in [0, 1] of already-normalised ``recognized`` text against a non-empty ``target``."""
     if not target:
         raise ValueError("target is empty; an empty target cannot be scored (the reward returns None for it)")
@@ -119,8 +119,8 @@ class OCRReward:
     """Reward = how closely rapidocr's reading of the image matches the prompt's quoted text.
 
     Args:
-        scoring: ``"flow_grpo"`` (substring counts as exact, distance capped at the target length) or
-            ``"normalized"`` (``1 - lev / max(len)``); see the module docstring.
+        scoring: ``"normalized"`` (``1 - lev / max(len)``, the default) or ``"flow_grpo"`` (a substring
+            counts as exact, distance capped at the target length); see the module docstring.
         lowercase: casefold both texts before comparing.
         whitespace: ``"remove"``, ``"collapse"`` or ``"keep"`` whitespace before comparing.
         min_side: images whose shorter side is smaller are upscaled to it before OCR (pixels).
@@ -135,7 +135,7 @@ class OCRReward:
 
     def __init__(
         self,
-        scoring: str = "flow_grpo",
+        scoring: str = "normalized",
         lowercase: bool = True,
         whitespace: str = "remove",
         min_side: int = 256,

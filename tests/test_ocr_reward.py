@@ -80,10 +80,10 @@ def test_normalize_text_modes():
 
 def test_ocr_score_hand_values():
     # flow_grpo: substring -> exact; distance capped at len(target)
-    assert ocr_score("bigopenlatesign", "openlate") == 1.0
-    assert ocr_score("opnlate", "openlate") == pytest.approx(1 - 1 / 8)
-    assert ocr_score("", "openlate") == 0.0
-    assert ocr_score("x" * 50, "openlate") == 0.0
+    assert ocr_score("bigopenlatesign", "openlate", "flow_grpo") == 1.0
+    assert ocr_score("opnlate", "openlate", "flow_grpo") == pytest.approx(1 - 1 / 8)
+    assert ocr_score("", "openlate", "flow_grpo") == 0.0
+    assert ocr_score("x" * 50, "openlate", "flow_grpo") == 0.0
     # normalized: 1 - lev / max(len)
     assert ocr_score("bigopenlatesign", "openlate", "normalized") == pytest.approx(1 - 7 / 15)
     assert ocr_score("opnlate", "openlate", "normalized") == pytest.approx(1 - 1 / 8)

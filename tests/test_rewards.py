@@ -200,6 +200,47 @@ def test_invalid_scores_become_nan_and_are_counted():
         assert torch.isfinite(total[[0, 5]]).all()
 
 
+def test_normalize_then_sum_ignores_samples_masked_by_another_reward():
+    bad = _Const([1.0, None, 2.0, 3.0, 4.0, 5.0])
+    good = _Const([0.0, 100.0, 1.0, 2.0, 3.0, 4.0])
+    rs = RewardSet([RewardTerm("bad", bad, 1.0), RewardTerm("good", good, 1.0)], "normalize_then_sum")
+    groups = [0, 0, 0, 1, 1, 1]
+    total = rs.aggregate(rs.score(None, PROMPTS, METADATA), torch.tensor(groups))
+    # sample 1 is masked: "good"'s group-0 statistics use samples 0 and 2 only, so 100.0 shifts nothing
+    g0 = [a + b for a, b in zip(_reference_normalize([1.0, 2.0], [0, 0]), _reference_normalize([0.0, 1.0], [0, 0]))]
+    g1 = [a + b for a, b in zip(_reference_normalize([3.0, 4.0, 5.0], [0, 0, 0]),
+                                _reference_normalize([2.0, 3.0, 4.0], [0, 0, 0]))]
+    _assert_close_nan(total, [g0[0], NAN, g0[1], *g1])
+
+
+def test_zero_weight_reward_is_logged_but_neither_scores_nor_masks():
+    logged = _Const([None, 7.0, 8.0, 9.0, 10.0, 11.0])
+    good = _Const([0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
+    rs = RewardSet([RewardTerm("good", good, 2.0), RewardTerm("logged", logged, 0.0)])
+    table = rs.score(None, PROMPTS, METADATA)
+    assert table.invalid == {"good": 0, "logged": 1}
+    _assert_close_nan(rs.aggregate(table, torch.zeros(6, dtype=torch.long)), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+
+
+def test_non_finite_samples_are_masked_under_every_reward_and_not_shown_to_them():
+    seen = []
+
+    def mean_pixel(samples, prompts, metadata):
+        seen.append(samples.shape[0])
+        assert torch.isfinite(samples).all()
+        return samples.flatten(1).mean(dim=1)
+
+    images = torch.rand(4, 3, 4, 4)
+    images[1, 0, 2, 2] = math.nan
+    images[3, 2, 0, 0] = math.inf
+    rs = RewardSet([RewardTerm("a", mean_pixel, 1.0), RewardTerm("b", mean_pixel, 1.0)])
+    table = rs.score(images, ["p"] * 4, [{}] * 4)
+    assert seen == [2, 2]
+    assert table.invalid == {"a": 2, "b": 2}
+    expected = images.flatten(1).mean(dim=1).tolist()
+    _assert_close_nan(table.raw["a"], [expected[0], NAN, expected[2], NAN])
+
+
 def test_accepted_output_types():
     for out in (torch.tensor([1.0, 2.0]), np.array([1.0, 2.0]), [np.float32(1.0), 2], (1.0, 2.0)):
         table = RewardSet([RewardTerm("r", _Const(out), 1.0)]).score(None, ["a", "b"], [{}, {}])

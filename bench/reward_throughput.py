@@ -7,7 +7,7 @@ downloaded here, so they run with random weights in the real architecture's size
 times the same computation. The remote reward is JPEG served on loopback by ``alignkit serve-reward``'s
 server. Video rewards score ``[B, F, 3, H, W]`` clips.
 
-    python bench/rewards.py [--batch 32] [--reps 3] [--clip vit-b-32] [--out bench/results/rewards.json]
+    python bench/reward_throughput.py [--batch 32] [--reps 3] [--clip vit-b-32] [--out bench/results/rewards.json]
 """
 
 from __future__ import annotations
