@@ -129,13 +129,18 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (each gets cpu_count/jobs threads)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/sample_efficiency"))
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the curves already in OUT/curves.json and run only the missing (method, seed) jobs")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO)
     args.out.mkdir(parents=True, exist_ok=True)
     curves: dict[str, list[list[dict]]] = {m: [] for m in args.methods}
-    jobs = [(m, seed) for seed in args.seeds for m in args.methods]
+    if args.resume and (args.out / "curves.json").exists():
+        # curves[m][i] is the run of args.seeds[i]: the jobs below are collected in seed order
+        curves.update(json.loads((args.out / "curves.json").read_text()))
+    jobs = [(m, seed) for i, seed in enumerate(args.seeds) for m in args.methods if i >= len(curves[m])]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         futures = {job: pool.submit(run, *job, args.epochs, args.eval_every, Path(tmp), args.overrides, threads)
