@@ -221,7 +221,8 @@ def main() -> None:
     ocr = OCRReward()
     record("ocr (256 px, PP-OCR)", lambda: ocr(images256, ocr_prompts, [{}] * b), b, "real shipped weights")
     emb = EmbeddingSimilarity()
-    record("embedding_similarity (MiniLM)", lambda: emb(texts, prompts, [{}] * b), b, "real packaged weights")
+    refs = [{"reference": f"the result equals {i}"} for i in range(b)]  # without one a sample is masked, not encoded
+    record("embedding_similarity (MiniLM)", lambda: emb(texts, prompts, refs), b, "real packaged weights")
     record("exact_match", lambda: ExactMatch()(texts, prompts, [{"answer": "3"}] * b), b)
     record("numeric_match", lambda: NumericMatch()(texts, prompts, [{"answer": "3"}] * b), b)
     frames = PerFrame(reward="jpeg_compressibility", reduce="mean")
