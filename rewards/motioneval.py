@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from modalities.video.shapes.world import DIRECTIONS, MotionSpec, MovingObject, parse_caption
-from rewards.shapeeval import DEFAULT_DETECTOR, DetectedObject, DetectorConfig, detect, summarize
+from rewards.shapeeval import DEFAULT_DETECTOR, DetectedObject, DetectorConfig, detect, score_by_spec, summarize
 from rewards.video import check_videos
 
 __all__ = [
@@ -243,17 +243,6 @@ class MotionEval:
         metadata: Sequence[Mapping[str, Any]],
     ) -> list[float | None]:
         clips = _as_videos(samples)  # [B, F, 3, H, W]
-        metadata = list(metadata) or [{} for _ in prompts]
-        if len(metadata) != len(prompts) or len(clips) != len(prompts):
-            raise ValueError(f"{len(clips)} clips, {len(prompts)} prompts and {len(metadata)} metadata rows; "
-                             "give one of each per clip")
-        specs = [resolve_spec(p, m) for p, m in zip(prompts, metadata)]
-        rows = [i for i, s in enumerate(specs) if s is not None]
-        scores: list[float | None] = [None] * len(specs)
-        if len(rows) < len(specs):
-            logger.debug("MotionEval: %d of %d clips have no moving-shapes spec", len(specs) - len(rows), len(specs))
-        if rows:
-            details = motioneval_details(clips[rows], [specs[i] for i in rows], self.detector, self.motion)
-            for i, d in zip(rows, details):
-                scores[i] = d[self.mode]
-        return scores
+        return score_by_spec(clips, prompts, metadata, resolve_spec,
+                             lambda x, specs: motioneval_details(x, specs, self.detector, self.motion), self.mode,
+                             "moving-shapes")

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -309,6 +309,36 @@ def resolve_spec(prompt: str, metadata: Mapping[str, Any] | None) -> PromptSpec 
     return parse_caption(prompt)
 
 
+def score_by_spec(
+    samples: torch.Tensor | np.ndarray,
+    prompts: Sequence[str],
+    metadata: Sequence[Mapping[str, Any]],
+    resolve: Callable[[str, Mapping[str, Any] | None], Any],
+    details: Callable[[Any, list[Any]], list[dict[str, Any]]],
+    mode: str,
+    world: str,
+) -> list[float | None]:
+    """The ``mode`` score of each sample whose spec ``resolve(prompt, metadata)`` finds; None for the others.
+
+    Shared by the programmatic world rewards: ``details(samples[rows], specs)`` evaluates the samples that
+    have a spec (``world`` names the world in the debug log).
+    """
+    metadata = list(metadata) or [{} for _ in prompts]
+    if len(metadata) != len(prompts) or len(samples) != len(prompts):
+        raise ValueError(f"{len(samples)} samples, {len(prompts)} prompts and {len(metadata)} metadata rows; "
+                         "give one of each per sample")
+    specs = [resolve(p, m) for p, m in zip(prompts, metadata)]
+    rows = [i for i, spec in enumerate(specs) if spec is not None]
+    scores: list[float | None] = [None] * len(specs)
+    if len(rows) < len(specs):
+        logger.debug("%d of %d samples have no %s spec", len(specs) - len(rows), len(specs), world)
+    if rows:
+        chosen = samples[rows] if isinstance(samples, torch.Tensor) else np.asarray(samples)[rows]
+        for i, d in zip(rows, details(chosen, [specs[i] for i in rows])):
+            scores[i] = d[mode]
+    return scores
+
+
 class ShapeEval:
     """ShapeEval reward: the strict or partial score of each sample (see the module docstring).
 
@@ -332,18 +362,5 @@ class ShapeEval:
         prompts: Sequence[str],
         metadata: Sequence[Mapping[str, Any]],
     ) -> list[float | None]:
-        metadata = list(metadata) or [{} for _ in prompts]
-        if len(metadata) != len(prompts) or len(samples) != len(prompts):
-            raise ValueError(f"{len(samples)} samples, {len(prompts)} prompts and {len(metadata)} metadata rows; "
-                             "give one of each per sample")
-        specs = [resolve_spec(p, m) for p, m in zip(prompts, metadata)]
-        rows = [i for i, s in enumerate(specs) if s is not None]
-        scores: list[float | None] = [None] * len(specs)
-        if len(rows) < len(specs):
-            logger.debug("ShapeEval: %d of %d samples have no shapes-world spec", len(specs) - len(rows), len(specs))
-        if rows:
-            images = samples[rows] if isinstance(samples, torch.Tensor) else np.asarray(samples)[rows]
-            details = shapeeval_details(images, [specs[i] for i in rows], self.cfg)
-            for i, d in zip(rows, details):
-                scores[i] = d[self.mode]
-        return scores
+        return score_by_spec(samples, prompts, metadata, resolve_spec,
+                             lambda x, specs: shapeeval_details(x, specs, self.cfg), self.mode, "shapes-world")

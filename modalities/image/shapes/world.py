@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -253,12 +253,20 @@ def prompt_set(
         split: ``"train"`` or ``"heldout"`` (see :func:`split_of`), or ``"all"``.
         categories: categories to draw from (all by default).
     """
+    return draw_split(n, seed, split, lambda rng: sample_spec(rng, categories))
+
+
+def draw_split(n: int, seed: int, split: str, sample: Callable[[random.Random], Any]) -> list[Any]:
+    """``n`` specs ``sample(rng)`` from ``random.Random(seed)`` whose caption falls in ``split`` (or ``"all"``).
+
+    Shared by the shapes worlds (image and video): a spec is anything with a ``caption()``.
+    """
     if split not in (*SPLITS, "all"):
         raise ValueError(f"split={split!r} is unknown; use one of {(*SPLITS, 'all')}")
     rng = random.Random(seed)
-    out: list[PromptSpec] = []
+    out: list[Any] = []
     while len(out) < n:
-        spec = sample_spec(rng, categories)
+        spec = sample(rng)
         if split == "all" or split_of(spec.caption()) == split:
             out.append(spec)
     return out

@@ -47,6 +47,7 @@ from modalities.image.shapes.world import (
     SHAPES,
     SPLITS,
     ObjectSpec,
+    draw_split,
     shape_mask,
     split_of,
 )
@@ -223,15 +224,7 @@ def prompt_set(
         split: ``"train"`` or ``"heldout"`` (see :func:`split_of`), or ``"all"``.
         categories: categories to draw from (all by default).
     """
-    if split not in (*SPLITS, "all"):
-        raise ValueError(f"split={split!r} is unknown; use one of {(*SPLITS, 'all')}")
-    rng = random.Random(seed)
-    out: list[MotionSpec] = []
-    while len(out) < n:
-        spec = sample_spec(rng, categories)
-        if split == "all" or split_of(spec.caption()) == split:
-            out.append(spec)
-    return out
+    return draw_split(n, seed, split, lambda rng: sample_spec(rng, categories))
 
 
 @dataclass(frozen=True)
