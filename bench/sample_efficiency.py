@@ -37,7 +37,7 @@ METHODS: dict[str, list[str]] = {
     "tempflow_budget": ["algo=tempflow_grpo_small", "algo.plan.options.select=random", "+algo.plan.options.m=2"],
     "flow_grpo_fast": ["algo=flow_grpo_fast", "algo.num_seeds=8"],
 }
-METRIC = "eval/shapeeval"
+METRIC = "eval/shapeeval_partial"  # held-out partial ShapeEval whatever the training reward
 
 
 def run(method: str, seed: int, epochs: int, eval_every: int, workdir: Path, extra: list[str],

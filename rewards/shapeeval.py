@@ -33,6 +33,13 @@ that an image contradicting the caption in exactly one attribute loses exactly t
   B drawn in the wrong colour thus costs ``object_b`` only.
 
 Strict score: 1.0 when every credit is 1, else 0.0. Partial score: the mean credit.
+
+Soft score (``mode: soft``, a denser training signal; evaluate with ``partial`` / ``strict``): the mean of
+graded versions of the same credits, each in [0, 1], equal to 1 exactly when the 0/1 credit is 1 and never
+below it. ``count``: ``max(0, 1 - |k - n| / n)`` for ``k`` detected objects; ``color`` / ``shape``: the
+fraction of the detected objects' area that has the caption's colour / shape (0 with no objects);
+``object_a`` / ``object_b``: the best ``match / 2`` over the detections (0.5 for the right colour or shape
+alone); ``relation``: as the 0/1 credit. So soft = 1 exactly when strict = 1.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ from modalities.image.shapes.world import (
 
 logger = logging.getLogger(__name__)
 
-MODES: tuple[str, ...] = ("partial", "strict")
+MODES: tuple[str, ...] = ("partial", "strict", "soft")
 BLOB = "blob"
 """Shape of a component too small or too thin to classify; matches no caption shape."""
 
@@ -226,6 +233,32 @@ def score_objects(
     return credits
 
 
+def soft_credits(
+    objects: list[DetectedObject], spec: PromptSpec, cfg: DetectorConfig = DEFAULT_DETECTOR
+) -> dict[str, float]:
+    """Graded credits in [0, 1] of one image's detections (see the module docstring), keyed like
+    :func:`score_objects`, each 1 exactly when its 0/1 credit is 1."""
+    hard = score_objects(objects, spec, cfg)
+    if spec.category in ("single", "count"):
+        want = spec.objects[0]
+        area = sum(o.area for o in objects)
+        return {
+            "count": max(0.0, 1.0 - abs(len(objects) - spec.count) / spec.count),
+            "color": sum(o.area for o in objects if o.color == want.color) / area if area else 0.0,
+            "shape": sum(o.area for o in objects if o.shape == want.shape) / area if area else 0.0,
+        }
+    a, b = spec.objects
+    credits = {
+        "object_a": max((_match(o, a) / 2 for o in objects), default=0.0),
+        "object_b": max((_match(o, b) / 2 for o in objects), default=0.0),
+    }
+    if spec.category == "two_object":
+        credits["count"] = max(0.0, 1.0 - abs(len(objects) - 2) / 2)
+    else:
+        credits["relation"] = hard["relation"]
+    return credits
+
+
 def _as_spec(item: PromptSpec | Mapping[str, Any], index: int) -> PromptSpec:
     if isinstance(item, PromptSpec):
         return item
@@ -240,7 +273,7 @@ def shapeeval_details(
     metadata: Sequence[PromptSpec | Mapping[str, Any]],
     cfg: DetectorConfig = DEFAULT_DETECTOR,
 ) -> list[dict[str, Any]]:
-    """Per-image evaluation: category, caption, credits, strict and partial scores, detected objects.
+    """Per-image evaluation: category, caption, credits, strict / partial / soft scores, detected objects.
 
     Args:
         images: ``[B, 3, H, W]`` in [0, 1].
@@ -256,13 +289,16 @@ def shapeeval_details(
     out = []
     for spec, objects in zip(specs, detections):
         credits = score_objects(objects, spec, cfg)
+        soft = soft_credits(objects, spec, cfg)
         values = list(credits.values())
         out.append({
             "category": spec.category,
             "caption": spec.caption(),
             "credits": credits,
+            "soft_credits": soft,
             "strict": float(all(v == 1.0 for v in values)),
             "partial": sum(values) / len(values),
+            "soft": sum(soft.values()) / len(soft),
             "objects": [asdict(o) for o in objects],
         })
     return out
@@ -346,7 +382,8 @@ class ShapeEval:
     shapes-world spec.
 
     Args:
-        mode: ``"partial"`` (mean attribute credit, in [0, 1]) or ``"strict"`` (1.0 when every credit holds).
+        mode: ``"partial"`` (mean attribute credit, in [0, 1]), ``"strict"`` (1.0 when every credit holds) or
+            ``"soft"`` (mean graded credit, in [0, 1]; a denser training reward).
         detector: detector thresholds (a :class:`DetectorConfig` or a dict of its fields).
     """
 

@@ -52,7 +52,8 @@ def test_every_ground_truth_render_scores_one() -> None:
     specs = all_specs() + prompt_set(100, seed=1, split="all") + prompt_set(100, seed=2, split="all")
     details = shapeeval_details(render_batch(specs, seed=7), [s.to_metadata() for s in specs])
     assert {d["category"] for d in details} == set(CATEGORIES)
-    failed = [(d["caption"], d["credits"]) for d in details if d["strict"] != 1.0 or d["partial"] != 1.0]
+    failed = [(d["caption"], d["credits"]) for d in details
+              if d["strict"] != 1.0 or d["partial"] != 1.0 or d["soft"] != 1.0]
     assert not failed
     summary = summarize(details)
     assert summary["strict"] == summary["partial"] == 1.0
@@ -83,6 +84,45 @@ def test_count_prompt_edits_lose_exactly_one_credit(seed: int) -> None:
         expected.append({"count": 1.0, "color": 1.0, "shape": 0.0})
     got = _credits(arrays, [s for s in specs for _ in range(3)])
     assert got == expected
+
+
+def test_soft_credits_grade_the_errors_by_hand() -> None:
+    rng = random.Random(3)
+    red_circle, blue_circle = ObjectSpec("red", "circle"), ObjectSpec("blue", "circle")
+    three = PromptSpec("count", [red_circle], count=3)
+    arrays = [
+        render_objects([red_circle, red_circle], rng),  # one short: count 1 - 1/3
+        render_objects([red_circle, red_circle, red_circle, red_circle, red_circle], rng),  # two extra: 1 - 2/3
+        render_objects([red_circle, red_circle, blue_circle], rng),  # a third of the area is blue
+        render_objects([], rng),  # nothing drawn
+    ]
+    details = shapeeval_details(_images(arrays), [three.to_metadata()] * 4)
+    assert details[0]["soft_credits"] == {"count": pytest.approx(2 / 3), "color": 1.0, "shape": 1.0}
+    assert details[1]["soft_credits"] == {"count": pytest.approx(1 / 3), "color": 1.0, "shape": 1.0}
+    blue_area = details[2]["objects"]
+    blue = sum(o["area"] for o in blue_area if o["color"] == "blue") / sum(o["area"] for o in blue_area)
+    assert details[2]["soft_credits"] == {"count": 1.0, "color": pytest.approx(1 - blue), "shape": 1.0}
+    assert details[3]["soft_credits"] == {"count": 0.0, "color": 0.0, "shape": 0.0}
+    two = PromptSpec("two_object", [red_circle, ObjectSpec("green", "square")])
+    wrong_b = render_objects([red_circle, ObjectSpec("blue", "square")], rng)  # B has the shape, not the colour
+    (d,) = shapeeval_details(_images([wrong_b]), [two.to_metadata()])
+    assert d["credits"] == {"object_a": 1.0, "object_b": 0.0, "count": 1.0}
+    assert d["soft_credits"] == {"object_a": 1.0, "object_b": 0.5, "count": 1.0}
+    assert d["soft"] == pytest.approx(2.5 / 3)
+
+
+def test_soft_score_bounds_partial_and_equals_one_only_with_strict() -> None:
+    specs = prompt_set(64, seed=5, split="all")
+    images = render_batch(specs, seed=1)
+    noisy = (images + 0.25 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    shuffled = images[torch.randperm(len(specs), generator=torch.Generator().manual_seed(1))]  # wrong captions
+    for batch in (noisy, shuffled):
+        for d in shapeeval_details(batch, [s.to_metadata() for s in specs]):
+            assert d["soft_credits"].keys() == d["credits"].keys()
+            assert all(d["soft_credits"][k] >= v for k, v in d["credits"].items())
+            assert (d["soft"] == 1.0) == (d["strict"] == 1.0)
+    assert ShapeEval("soft")(shuffled, [s.caption() for s in specs], [s.to_metadata() for s in specs]) == [
+        d["soft"] for d in shapeeval_details(shuffled, [s.to_metadata() for s in specs])]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
