@@ -8,6 +8,8 @@ advantage groups, so each half's advantages still sum to zero per group. Reporte
 * ``half_cos``: cosine between the two halves' gradients. For two independent estimates of a true gradient
   ``g`` with per-estimate noise ``N``, ``E[cos] ~ |g|^2 / (|g|^2 + |N|^2)``: 0 means pure noise.
 * ``epoch_cos``: the Spearman-Brown estimate ``2c / (1 + c)`` of the same fraction for the whole epoch.
+* ``nonzero_advantage_per_epoch``: transitions whose advantage is not 0 (a group whose samples all score the
+  same gives none), out of ``transitions_per_epoch``.
 * ``cross_cos``: cosine between whole-epoch gradients of different epochs (different prompts and noise).
   If every epoch estimated one shared direction, it would be about ``epoch_cos``; near 0 means the epochs'
   true gradients themselves point different ways (few prompts per epoch) or are swamped by noise.
@@ -60,7 +62,7 @@ def measure(method: str, epochs: int, workdir: Path, extra: list[str]) -> dict[s
         "algo.objective.beta=0", *extra,
     ])
     trainer = Trainer(cfg, tensorboard=False)
-    halves, full, sizes = [], [], []
+    halves, full, sizes, totals = [], [], [], []
     for epoch in range(epochs):
         rollout, _ = trainer.rollout(epoch)
         _, _, credit = trainer.score(rollout)
@@ -71,6 +73,7 @@ def measure(method: str, epochs: int, workdir: Path, extra: list[str]) -> dict[s
         halves.append(float(torch.nn.functional.cosine_similarity(ga, gb, dim=0)))
         full.append(ga * len(a) + gb * len(b))
         sizes.append(len(rows))
+        totals.append(int(credit.mask.sum()))
         logger.info("%s epoch %d: %d transitions with non-zero advantage, half cos %.3f", method, epoch,
                     len(rows), halves[-1])
     cross = [float(torch.nn.functional.cosine_similarity(full[i], full[j], dim=0))
@@ -78,7 +81,8 @@ def measure(method: str, epochs: int, workdir: Path, extra: list[str]) -> dict[s
     c = statistics.mean(halves)
     return {"half_cos": c, "half_cos_sd": statistics.pstdev(halves), "epoch_cos": 2 * c / (1 + c) if c > -1 else c,
             "cross_cos": statistics.mean(cross), "cross_cos_sd": statistics.pstdev(cross),
-            "transitions_per_epoch": statistics.mean(sizes), "epochs": epochs}
+            "transitions_per_epoch": statistics.mean(totals), "nonzero_advantage_per_epoch": statistics.mean(sizes),
+            "epochs": epochs}
 
 
 def main() -> None:

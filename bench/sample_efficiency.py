@@ -7,7 +7,8 @@ deterministic (ODE) sampling every ``--eval-every`` epochs. Outputs: a JSON of e
 table and a PNG with three panels (score vs steps, vs NFE, vs seconds); the table gives for each method
 the optimizer steps and NFE it needs to reach the Flow-GRPO runs' final held-out score.
 
-    python bench/sample_efficiency.py [--epochs 16] [--seeds 0 1 2] [--out bench/results/sample_efficiency]
+    python bench/sample_efficiency.py [--epochs 100] [--eval-every 20] [--seeds 0 1 2] [--resume]
+        [--out bench/results/sample_efficiency]
 """
 
 from __future__ import annotations
@@ -123,8 +124,8 @@ def plot(curves: dict[str, list[list[dict]]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=16)
-    parser.add_argument("--eval-every", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (each gets cpu_count/jobs threads)")
