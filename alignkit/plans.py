@@ -49,14 +49,15 @@ class PlanSchedule:
     def nfe_per_seed(self, num_steps: int) -> int:
         """Model evaluations per initial noise.
 
-        Linear: ``N``. Branching: the trunk runs up to the last branch step (``max k`` evaluations) and
-        each child of step ``k`` evaluates steps ``k .. N-1``: ``max k + K * sum_k (N - k)``.
+        Linear: ``N``. Branching: the trunk runs up to and including the last branch step (``max k + 1``
+        evaluations; at a branch step its one evaluation also gives the children's distribution) and each
+        child of step ``k`` evaluates steps ``k + 1 .. N - 1``: ``max k + 1 + K * sum_k (N - 1 - k)``.
         """
         if self.branch_steps is None:
             return num_steps
         if not self.branch_steps:
             return 0
-        return max(self.branch_steps) + self.children * sum(num_steps - k for k in self.branch_steps)
+        return max(self.branch_steps) + 1 + self.children * sum(num_steps - 1 - k for k in self.branch_steps)
 
     def trained_steps(self) -> tuple[int, ...]:
         """The schedule indices whose transitions are stored (and train)."""

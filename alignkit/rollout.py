@@ -144,64 +144,73 @@ class RolloutEngine:
     def _branching(self, request: RolloutRequest, schedule: PlanSchedule, cond_all: dict[str, torch.Tensor],
                    prompt_index: torch.Tensor, seed_index: torch.Tensor, decoded: _Decoded
                    ) -> tuple[torch.Tensor, Transitions, SampleKeys, int]:
-        """Deterministic trunks, then ``K`` children per branch step, batched across branch points.
+        """Deterministic trunks, ``K`` children per branch step drawn from the trunk's own evaluation of
+        that step, then every child finished by the ODE, batched across branch points.
 
-        Samples are ordered trunk-major, then branch step, then child. Each child owns a generator seeded
-        from its identity (run seed, iteration, prompt id, seed id, branch step, child id) and uses it
-        once, for its branch noise.
+        At a branch step the trunk evaluates the model once with ``stochastic=True``: the distribution's
+        ``mode()`` (the deterministic step) continues the trunk and its ``K`` draws are the children, so a
+        child costs only the steps after its branch step. Samples are ordered trunk-major, then branch
+        step, then child. Each child owns a generator seeded from its identity (run seed, iteration,
+        prompt id, seed id, branch step, child id) and uses it once, for its branch noise.
         """
         sampler = self.sampler
         n = sampler.num_steps
         branch = sorted(schedule.branch_steps or ())
+        position = {k: j for j, k in enumerate(branch)}
         k_children = schedule.children
-        last = max(branch) if branch else 0
-        trunk_at: dict[int, list[torch.Tensor]] = {k: [] for k in branch}
+        per_trunk = len(branch) * k_children
+        last = max(branch) if branch else -1
+        t_idx = torch.arange(len(prompt_index)).repeat_interleave(per_trunk)  # [C]
+        b_step = torch.tensor(branch, dtype=torch.long).repeat_interleave(k_children).repeat(len(prompt_index))
+        c_idx = torch.arange(k_children).repeat(len(prompt_index) * len(branch))  # [C]
+        child_prompt = prompt_index[t_idx]
+        state: torch.Tensor | None = None  # [C, ...] children states, allocated at the first draw
+        step = b_step + 1  # [C] the next step each child evaluates
+        parts: list[Transitions] = []
         nfe = 0
         for start in range(0, len(prompt_index), self.batch_size):
             rows = torch.arange(start, min(start + self.batch_size, len(prompt_index)))
             x = sampler.initial_state(self._noise_generators(request, rows, prompt_index, seed_index)).float()
             cond = index_batch(cond_all, prompt_index[rows])
             for i in range(last + 1):
-                if i in trunk_at:
-                    trunk_at[i].append(x)
+                dist = sampler.transition(x, torch.full((len(rows),), i, device=x.device), cond,
+                                          stochastic=i in position)
+                nfe += len(rows)
+                if i in position:
+                    local = torch.arange(len(rows)).repeat_interleave(k_children)  # [R K]
+                    children = (rows.repeat_interleave(k_children) * per_trunk + position[i] * k_children
+                                + torch.arange(k_children).repeat(len(rows)))  # [R K] sample indices
+                    sub = dist.index(local.to(x.device))
+                    drawn = sub.sample([sample_generator(
+                        request.seed, request.iteration, request.prompt_ids[int(prompt_index[t_idx[c]])],
+                        int(seed_index[t_idx[c]]), 1 + i, int(c_idx[c])) for c in children])
+                    if state is None:
+                        state = torch.empty((len(t_idx), *drawn.shape[1:]), dtype=drawn.dtype, device=drawn.device)
+                    state[children.to(drawn.device)] = drawn
+                    parts.append(Transitions(
+                        state=x[local.to(x.device)], next_state=drawn, step=torch.full((len(children),), i),
+                        log_prob=sub.log_prob(drawn).float().cpu(), scale=sub.scale.float().cpu(),
+                        sample_index=children,
+                    ))
                 if i < last:
-                    x = sampler.transition(x, torch.full((len(rows),), i, device=x.device), cond,
-                                           stochastic=False).mode()
-                    nfe += len(rows)
-        trunk_states = {k: torch.cat(v) for k, v in trunk_at.items()}  # k -> [T, ...]
-
-        t_idx = torch.arange(len(prompt_index)).repeat_interleave(len(branch) * k_children)  # [C]
-        b_step = torch.tensor(branch, dtype=torch.long).repeat_interleave(k_children).repeat(len(prompt_index))
-        c_idx = torch.arange(k_children).repeat(len(prompt_index) * len(branch))  # [C]
-        state = torch.stack([trunk_states[int(k)][int(t)] for t, k in zip(t_idx, b_step)])  # [C, ...]
-        gens = [sample_generator(request.seed, request.iteration, request.prompt_ids[int(prompt_index[t])],
-                                 int(seed_index[t]), 1 + int(k), int(c)) for t, k, c in zip(t_idx, b_step, c_idx)]
-        child_prompt = prompt_index[t_idx]
-        step = b_step.clone()
-        parts: list[Transitions] = []
-        pending = list(range(len(t_idx)))
+                    x = dist.mode()
+        if state is None:
+            raise ValueError("a branching plan with no branch steps samples nothing; list at least one branch step")
+        finished = [c for c in range(len(t_idx)) if int(step[c]) >= n]
+        if finished:
+            rows = torch.tensor(finished, dtype=torch.long)
+            decoded.add(rows, child_prompt[rows], state[rows])
+        pending = [c for c in range(len(t_idx)) if int(step[c]) < n]
         active: list[int] = []
-        while pending or active:
+        while pending or active:  # ODE completion of every child, batched across branch points
             take = self.batch_size - len(active)
             active += pending[:take]
             del pending[:take]
             idx = torch.tensor(active, dtype=torch.long)
-            cur, cur_step = state[idx], step[idx]
-            cond = index_batch(cond_all, child_prompt[idx])
-            dist = sampler.transition(cur, cur_step.to(cur.device), cond, stochastic=True)
-            nxt = dist.mode().clone()
-            explore = torch.nonzero(cur_step == b_step[idx]).flatten()
-            if len(explore):
-                sub = dist.index(explore.to(nxt.device))
-                drawn = sub.sample([gens[int(idx[r])] for r in explore])
-                nxt[explore] = drawn
-                parts.append(Transitions(
-                    state=cur[explore], next_state=drawn, step=cur_step[explore],
-                    log_prob=sub.log_prob(drawn).float().cpu(), scale=sub.scale.float().cpu(),
-                    sample_index=idx[explore],
-                ))
+            dist = sampler.transition(state[idx], step[idx].to(state.device), index_batch(cond_all, child_prompt[idx]),
+                                      stochastic=False)
             nfe += len(idx)
-            state[idx] = nxt
+            state[idx] = dist.mode()
             step[idx] += 1
             done = [r for r in active if int(step[r]) >= n]
             if done:
@@ -209,7 +218,7 @@ class RolloutEngine:
                 decoded.add(rows, child_prompt[rows], state[rows])
             active = [r for r in active if int(step[r]) < n]
         decoded.flush()
-        transitions = Transitions.cat(parts) if parts else _empty_transitions(state)
+        transitions = Transitions.cat(parts)
         order = torch.argsort(transitions.sample_index)
         transitions = transitions.select(order)  # one transition per child, in sample order
         keys = SampleKeys(child_prompt, seed_index[t_idx], b_step)

@@ -137,7 +137,7 @@ def _closed_form_nfe(schedule: PlanSchedule, n: int) -> int:
     if schedule.branch_steps is None:
         return n
     ks = schedule.branch_steps
-    return max(ks) + schedule.children * sum(n - k for k in ks)
+    return max(ks) + 1 + schedule.children * sum(n - 1 - k for k in ks)
 
 
 @pytest.mark.parametrize("plan", [
@@ -149,9 +149,10 @@ def test_nfe_equals_closed_form(sampler: SD3Sampler, plan: object) -> None:
     schedule = plan.schedule(N_STEPS, 3, torch.Generator().manual_seed(1))
     rollout = RolloutEngine(sampler, batch_size=5).run(_request(), schedule)
     assert rollout.nfe == 4 * _closed_form_nfe(schedule, N_STEPS)
-    # all-steps branching costs max k + K (N(N+1)/2 - 1) per noise: ~(N-1)N/2 K vs N K for Flow-GRPO
+    # all-steps branching costs N - 1 + K N (N - 1) / 2 per noise (children share the trunk's evaluation of
+    # their branch step) against N for Flow-GRPO
     if isinstance(plan, Branch) and plan.select == "all":
-        assert rollout.nfe == 4 * (N_STEPS - 2 + plan.children * (N_STEPS * (N_STEPS + 1) // 2 - 1))
+        assert rollout.nfe == 4 * (N_STEPS - 1 + plan.children * N_STEPS * (N_STEPS - 1) // 2)
     assert len(rollout.transitions) == len(rollout.keys) * (
         1 if schedule.branching else len(schedule.stochastic_steps))
 
@@ -191,7 +192,7 @@ def test_tempflow_recipe_trains(tmp_path: Path) -> None:
     state = trainer.train()
     row = state.history[0]
     assert row["train/first_ratio"] == pytest.approx(1.0, abs=1e-6)
-    assert row["rollout/nfe"] == 4 * (2 + 2 * (4 + 3 + 2))
+    assert row["rollout/nfe"] == 4 * (3 + 2 * (3 + 2 + 1))  # trunk to step 2, children finish steps k+1..3
     assert math.isfinite(row["train/loss"]) and state.global_step == math.ceil(4 * 3 * 2 / 8)
 
 

@@ -155,8 +155,8 @@ def test_branching_rollout_shapes_nfe_and_log_probs(wan_folder: Path) -> None:
     n = trunks * len(branch_steps) * k
     assert len(rollout.keys) == n and rollout.samples.shape == (n, FRAMES, 3, SIZE, SIZE)
     assert rollout.final_state.shape == (n, *LATENT)
-    # trunk to the last branch step, then every child finishes from its branch step
-    assert rollout.nfe == trunks * (max(branch_steps) + k * sum(N_STEPS - s for s in branch_steps)) == 80
+    # trunk up to and including the last branch step, then every child finishes the steps after its branch step
+    assert rollout.nfe == trunks * (max(branch_steps) + 1 + k * sum(N_STEPS - 1 - s for s in branch_steps)) == 60
     tr = rollout.transitions
     assert tr.state.shape == tr.next_state.shape == (n, *LATENT)
     assert torch.equal(tr.step, rollout.keys.branch_step) and (tr.scale > 0).all()
@@ -246,7 +246,7 @@ def test_wan_tiny_tempflow_grpo_trains(tmp_path: Path) -> None:
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1.0, 2.0]
     assert all(math.isfinite(r["train/loss"]) and math.isfinite(r["train/kl"]) for r in rows)
-    assert rows[0]["rollout/nfe"] == 4 * (2 + 2 * (4 + 3 + 2)) and rows[0]["rollout/transitions"] == 24
+    assert rows[0]["rollout/nfe"] == 4 * (3 + 2 * (3 + 2 + 1)) and rows[0]["rollout/transitions"] == 24
     assert all(r["reward/frame_jpeg_compressibility_invalid"] == 0 for r in rows)
     assert (out / "samples" / "epoch_00000.png").is_file()  # one frame strip per video
 
