@@ -101,6 +101,17 @@ class Sampler(ABC):
     def decode(self, state: torch.Tensor) -> Any:
         """Final states to samples (images ``[B, 3, H, W]`` in [0, 1], videos, token ids)."""
 
+    def save_samples(self, samples: Any, captions: Sequence[str], path: Path) -> Path | None:
+        """Write a preview of decoded ``samples`` captioned with ``captions`` at ``path`` (a ``.png``).
+
+        Default: :func:`alignkit.media.save_samples` (image grid, frame strips, waveform plots; None when the
+        samples have no picture). Adapters whose samples need more than a picture extend it (audio: wav files
+        at the sampler's sample rate).
+        """
+        from alignkit.media import save_samples
+
+        return save_samples(samples, captions, path)
+
     @abstractmethod
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters the optimiser updates (LoRA weights by default)."""

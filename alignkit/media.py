@@ -1,7 +1,9 @@
-"""Sample grids captioned with prompt and reward: images as a grid, videos as one frame strip per sample."""
+"""Sample grids captioned with prompt and reward: images as a grid, videos as one frame strip per sample,
+waveforms (audio) as one amplitude plot per sample."""
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,15 +62,52 @@ def frame_strips(videos: torch.Tensor, max_frames: int = 8) -> torch.Tensor:
     return torch.cat(picked.unbind(1), dim=-1)  # [B, 3, H, k W]
 
 
+def waveform_images(waves: torch.Tensor, *, height: int = 64, width: int = 256) -> torch.Tensor:
+    """Waveforms ``[B, C, T]`` (float, in [-1, 1]) to amplitude plots ``[B, 3, C h, width]`` in [0, 1].
+
+    Each channel gets a lane of ``h = max(2, height // C)`` rows, stacked top to bottom; column ``j`` covers
+    samples ``[j T / width, (j + 1) T / width)`` and is drawn (dark blue on white) from their minimum to
+    their maximum, +1 at the top of the lane; a grey line marks 0. Values are clamped to [-1, 1] and
+    non-finite values drawn as 0.
+    """
+    if waves.dim() != 3 or not waves.is_floating_point():
+        raise ValueError(f"waveform_images expects float waveforms [B, C, T], got {tuple(waves.shape)} {waves.dtype}")
+    if height < 2 or width < 1:
+        raise ValueError(f"height={height}, width={width}: need height >= 2 and width >= 1")
+    x = torch.nan_to_num(waves.detach().float().cpu(), nan=0.0, posinf=1.0, neginf=-1.0).clamp(-1, 1)
+    b, c, t = x.shape
+    if t == 0:
+        raise ValueError(f"waveforms {tuple(waves.shape)} have no samples")
+    column = torch.arange(t) * width // t  # [T] column of every sample
+    index = column.expand(b, c, t)
+    lo = torch.full((b, c, width), math.inf).scatter_reduce(2, index, x, "amin")  # [B, C, W]
+    hi = torch.full((b, c, width), -math.inf).scatter_reduce(2, index, x, "amax")
+    nearest = x[:, :, torch.arange(width) * t // width]  # [B, C, W] columns no sample falls in (T < W)
+    lo, hi = torch.where(torch.isinf(lo), nearest, lo), torch.where(torch.isinf(hi), nearest, hi)
+    h = max(2, height // c)
+    level = 1 - 2 * (torch.arange(h).float() + 0.5) / h  # [h] amplitude at each row's centre
+    half = 1.0 / h  # half a row: a flat stretch still covers one row
+    on = (lo[:, :, None, :] <= level[:, None] + half) & (hi[:, :, None, :] >= level[:, None] - half)  # [B, C, h, W]
+    zero = ((level - half < 0) & (level + half >= 0))[:, None].expand(h, width)  # [h, W]: the row holding 0
+    colour = torch.tensor([0.1, 0.3, 0.7])[:, None, None, None]
+    img = torch.ones(b, 3, c, h, width)
+    img = torch.where(zero, torch.tensor(0.8), img)
+    img = torch.where(on[:, None], colour, img)  # [B, 3, C, h, W]
+    return img.reshape(b, 3, c * h, width)
+
+
 def save_samples(
     samples: Any, captions: Sequence[str], path: Path, *, cell: int = 128, max_frames: int = 8
 ) -> Path | None:
-    """Write image samples ``[B, 3, H, W]`` as a grid or video samples ``[B, F, 3, H, W]`` as a column of
-    frame strips (one row per video); other samples (token ids, text) have no picture: returns None."""
+    """Write image samples ``[B, 3, H, W]`` as a grid, video samples ``[B, F, 3, H, W]`` as a column of
+    frame strips (one row per video) or float waveforms ``[B, C, T]`` as amplitude plots
+    (:func:`waveform_images`, two per row); other samples (token ids, text) have no picture: returns None."""
     if not isinstance(samples, torch.Tensor):
         return None
     if samples.dim() == 4:
         return save_grid(samples, captions, path, cell=cell)
     if samples.dim() == 5:
         return save_grid(frame_strips(samples, max_frames), captions, path, columns=1, cell=cell)
+    if samples.dim() == 3 and samples.is_floating_point():
+        return save_grid(waveform_images(samples), captions, path, columns=2, cell=cell)
     return None

@@ -119,6 +119,38 @@ def load_pipeline(pipeline_class: type, cfg: BackboneConfig) -> Any:
     return pipeline_class.from_pretrained(source, **kwargs)
 
 
+def add_lora(module: torch.nn.Module, config: Any) -> None:
+    """Add the peft LoRA adapter ``config`` (named ``default``) to ``module``.
+
+    diffusers models with its ``PeftAdapterMixin`` (SD3, FLUX, Wan) use ``add_adapter``; models without it
+    (``StableAudio3DiTModel``) get the same injection through peft's ``inject_adapter_in_model``, which
+    also records ``module.peft_config`` so peft's state-dict helpers work on both.
+    """
+    if callable(getattr(module, "add_adapter", None)):
+        module.add_adapter(config)
+        return
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, module)
+
+
+def set_lora_enabled(module: torch.nn.Module, enabled: bool) -> None:
+    """Switch every LoRA layer of ``module`` on or off (off: the base model, the KL reference).
+
+    Uses diffusers' ``enable_adapters`` / ``disable_adapters`` where the model has them, else the same loop
+    over peft's tuner layers that they run.
+    """
+    method = getattr(module, "enable_adapters" if enabled else "disable_adapters", None)
+    if callable(method):
+        method()
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.enable_adapters(enabled)
+
+
 class DiffusersFlowSampler(FlowMatchingSampler):
     """A flow-matching diffusers pipeline whose ``transformer`` is the policy.
 
@@ -159,7 +191,7 @@ class DiffusersFlowSampler(FlowMatchingSampler):
                 target_modules=list(cfg.lora.target_modules),
             )
             try:
-                transformer.add_adapter(lora)
+                add_lora(transformer, lora)
             except ValueError as exc:
                 raise ValueError(self._lora_target_message(transformer) + f" (peft: {exc})") from exc
             if not any("lora_" in name for name, _ in transformer.named_parameters()):
@@ -262,17 +294,20 @@ class DiffusersFlowSampler(FlowMatchingSampler):
             finally:
                 self._use_reference = False
             return
-        self.pipe.transformer.disable_adapters()
+        set_lora_enabled(self.pipe.transformer, False)
         try:
             yield
         finally:
-            self.pipe.transformer.enable_adapters()
+            set_lora_enabled(self.pipe.transformer, True)
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
     def save_trainable(self, directory: Path) -> None:
         """LoRA: diffusers' ``save_lora_weights`` format (``pipe.load_lora_weights(directory)`` loads it).
 
+        Pipelines without diffusers' LoRA loader (e.g. ``StableAudio3Pipeline``) get the same file, keys
+        prefixed ``transformer.``, plus peft's ``adapter_config.json``: load it with
+        :meth:`load_trainable`, or with peft (``inject_adapter_in_model`` + ``set_peft_model_state_dict``).
         Full fine-tuning: the transformer via ``save_pretrained`` (safetensors).
         """
         directory.mkdir(parents=True, exist_ok=True)
@@ -281,9 +316,16 @@ class DiffusersFlowSampler(FlowMatchingSampler):
             from peft.utils import get_peft_model_state_dict
 
             layers = get_peft_model_state_dict(transformer)
-            self.pipeline_class.save_lora_weights(
-                directory, transformer_lora_layers=layers, safe_serialization=True
-            )
+            if hasattr(self.pipeline_class, "save_lora_weights"):
+                self.pipeline_class.save_lora_weights(
+                    directory, transformer_lora_layers=layers, safe_serialization=True
+                )
+            else:
+                from safetensors.torch import save_file
+
+                save_file({f"transformer.{k}": v.contiguous() for k, v in layers.items()},
+                          str(directory / LORA_WEIGHTS_NAME))
+                transformer.peft_config["default"].save_pretrained(str(directory))
         else:
             transformer.save_pretrained(directory / "transformer", safe_serialization=True)
 
