@@ -37,6 +37,9 @@ METHODS: dict[str, list[str]] = {
     "tempflow_all": ["algo=tempflow_grpo_small"],  # 2 seeds x 4 children at each of the 7 branch steps
     "tempflow_budget": ["algo=tempflow_grpo_small", "algo.plan.options.select=random", "+algo.plan.options.m=2"],
     "flow_grpo_fast": ["algo=flow_grpo_fast", "algo.num_seeds=8"],
+    # budgeted: branch only where the signal is (per_step in bench/results/gradient_snr.json: steps 0-1 carry most)
+    "tempflow_early": ["algo=tempflow_grpo_small", "algo.plan.options.select=fixed", "+algo.plan.options.steps=[0,1]"],
+    "tempflow_first": ["algo=tempflow_grpo_small", "algo.plan.options.select=fixed", "+algo.plan.options.steps=[0]"],
 }
 METRIC = "eval/shapeeval_partial"  # held-out partial ShapeEval whatever the training reward
 
