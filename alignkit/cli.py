@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from alignkit.config import ConfigError
+from alignkit.errors import AlignkitError
 from alignkit.recipes import DEFAULT_RECIPE, list_recipes, load_run_config
 
 logger = logging.getLogger("alignkit")
@@ -53,7 +54,6 @@ def cmd_train(args: list[str]) -> int:
 def cmd_eval(args: list[str]) -> int:
     import torch
 
-    from alignkit.media import save_samples
     from alignkit.prompts import load_prompts
     from alignkit.rewards import RewardSet
     from alignkit.trainer import build_sampler, evaluate, resolve_device
@@ -79,7 +79,7 @@ def cmd_eval(args: list[str]) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     name = next(iter(table.raw))
     caps = [f"{p} | {name}={float(table.raw[name][i]):.3g}" for i, p in enumerate(rollout.sample_prompts)]
-    save_samples(rollout.samples, caps, out / "grid.png")
+    sampler.save_samples(rollout.samples, caps, out / "grid.png")
     width = max(len(k) for k in summary)
     print("\n".join(f"{k:<{width}}  {v:.4f}" for k, v in summary.items()))  # noqa: T201 - the command's output
     logger.info("eval table and grid in %s", out)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": cmd_train, "eval": cmd_eval, "list": cmd_list,
                 "serve-reward": cmd_serve_reward}[ns.command](ns.args)
-    except (ConfigError, ValueError, FileNotFoundError, ImportError, KeyError) as exc:
+    except (ConfigError, AlignkitError, ValueError, FileNotFoundError, ImportError, KeyError) as exc:
         logger.error("%s", exc)
         return 2
 

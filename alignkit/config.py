@@ -200,7 +200,15 @@ class EmaConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping."""
+    """Optimisation and bookkeeping.
+
+    Counts are global, whatever the number of processes (read at run time from ``accelerate launch``):
+    ``prompts_per_epoch`` prompts are split evenly over the processes (so it must be a multiple of their
+    number) and a training minibatch is ``train_batch_size`` transitions of all processes together, so a
+    recipe gives the same updates on 1 or N processes. ``rollout_batch_size`` is per process (a memory
+    setting). ``max_nonfinite_steps``: consecutive optimizer steps with a NaN / inf loss or gradient that
+    are skipped (and counted) before the run stops. ``keep_checkpoints``: newest checkpoints kept.
+    """
 
     epochs: int = 100
     prompts_per_epoch: int = 8
@@ -237,6 +245,15 @@ class TrainConfig:
             problems.append(f"{path}.mixed_precision={self.mixed_precision!r}: use no, bf16 or fp16")
         if self.max_grad_norm <= 0:
             problems.append(f"{path}.max_grad_norm={self.max_grad_norm}: must be > 0")
+        if self.max_nonfinite_steps < 0:
+            problems.append(f"{path}.max_nonfinite_steps={self.max_nonfinite_steps}: must be >= 0 (consecutive "
+                            "optimizer steps with a NaN / inf loss skipped before the run stops; 0 stops at the first)")
+        if self.warmup_steps < 0:
+            problems.append(f"{path}.warmup_steps={self.warmup_steps}: must be >= 0 (0 disables warm-up)")
+        if self.adam_eps <= 0:
+            problems.append(f"{path}.adam_eps={self.adam_eps}: must be > 0 (1e-8 is standard)")
+        if self.weight_decay < 0:
+            problems.append(f"{path}.weight_decay={self.weight_decay}: must be >= 0")
         self.ema.validate(f"{path}.ema", problems)
 
 

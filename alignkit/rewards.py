@@ -23,6 +23,7 @@ import torch
 
 from alignkit.config import RewardTermConfig
 from alignkit.credit import group_normalize
+from alignkit.errors import RewardError
 from alignkit.registry import REWARDS, is_import_path
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ class RewardSet:
             try:
                 out = term.fn(samples, list(prompts), list(metadata))
             except Exception as exc:
-                raise RuntimeError(f"reward {term.name!r} raised {type(exc).__name__}: {exc}") from exc
+                raise RewardError(f"reward {term.name!r} raised {type(exc).__name__}: {exc}") from exc
             scores, bad = to_scores(term.name, out, len(prompts))
             if bad:
                 logger.warning("reward %r could not score %d of %d samples (masked)", term.name, bad, len(prompts))

@@ -37,6 +37,11 @@ def mix_seed(*parts: int) -> int:
     return z & ((1 << 63) - 1)
 
 
+def as_state(x: torch.Tensor) -> torch.Tensor:
+    """Float states (latents) in float32; integer states (token ids of discrete models) as they are."""
+    return x.float() if x.is_floating_point() else x
+
+
 def sample_generator(*parts: int) -> torch.Generator:
     """A CPU generator seeded from :func:`mix_seed` of ``parts``."""
     return torch.Generator(device="cpu").manual_seed(mix_seed(*parts))
@@ -130,7 +135,7 @@ class RolloutEngine:
             rows = torch.arange(start, min(start + self.batch_size, len(prompt_index)))
             gens = self._noise_generators(request, rows, prompt_index, seed_index)
             cond = index_batch(cond_all, prompt_index[rows])
-            final, stored = self._trajectory(self.sampler.initial_state(gens).float(), cond, gens, stochastic,
+            final, stored = self._trajectory(as_state(self.sampler.initial_state(gens)), cond, gens, stochastic,
                                              rows)
             finals.append(final)
             parts.extend(stored)
@@ -170,7 +175,7 @@ class RolloutEngine:
         nfe = 0
         for start in range(0, len(prompt_index), self.batch_size):
             rows = torch.arange(start, min(start + self.batch_size, len(prompt_index)))
-            x = sampler.initial_state(self._noise_generators(request, rows, prompt_index, seed_index)).float()
+            x = as_state(sampler.initial_state(self._noise_generators(request, rows, prompt_index, seed_index)))
             cond = index_batch(cond_all, prompt_index[rows])
             for i in range(last + 1):
                 dist = sampler.transition(x, torch.full((len(rows),), i, device=x.device), cond,

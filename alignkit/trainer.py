@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +24,11 @@ from alignkit.checkpoint import (
 )
 from alignkit.config import RunConfig, to_dict
 from alignkit.credit import CreditAssigner, build_credit
+from alignkit.distributed import Gathered, Shard, canonical_order, gather_rollout
 from alignkit.ema import EMA
+from alignkit.errors import CheckpointError, ModelLoadError, NonFiniteError, RewardError
 from alignkit.interfaces import Sampler
-from alignkit.media import save_samples
-from alignkit.metrics import MetricsWriter
+from alignkit.metrics import MetricsWriter, read_metrics
 from alignkit.objective import grpo_objective
 from alignkit.plans import ExplorationPlan, PlanSchedule, build_plan
 from alignkit.prompts import PromptSet, load_prompts
@@ -39,9 +43,7 @@ logger = logging.getLogger(__name__)
 _TAG_PROMPTS, _TAG_PLAN, _TAG_SUBSAMPLE, _TAG_SHUFFLE = 101, 102, 103, 104
 
 
-class NonFiniteError(RuntimeError):
-    """Raised when too many consecutive updates had non-finite losses."""
-
+__all__ = ["NonFiniteError", "TrainState", "Trainer", "build_sampler", "evaluate", "resolve_device"]
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -50,27 +52,68 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_sampler(cfg: RunConfig, device: torch.device) -> Sampler:
-    """Instantiate the configured backbone adapter (``backbone.name`` in the sampler registry)."""
+    """Instantiate the configured backbone adapter (``backbone.name`` in the sampler registry).
+
+    Raises:
+        ModelLoadError: the model folder is incomplete or a weights file is corrupt (the loader's own
+            message, with the setting to fix).
+    """
     factory = SAMPLERS.get(cfg.backbone.name)
-    return factory.from_config(
-        cfg.backbone, step_kind=cfg.algo.step_kind, noise_level=cfg.algo.noise_level, device=device
-    )
+    try:
+        return factory.from_config(
+            cfg.backbone, step_kind=cfg.algo.step_kind, noise_level=cfg.algo.noise_level, device=device
+        )
+    except OSError as exc:
+        if str(exc).startswith("backbone."):  # already names the setting
+            raise
+        raise ModelLoadError(
+            f"backbone.pretrained={cfg.backbone.pretrained!r} cannot be loaded: {str(exc).strip()} Give a complete "
+            "pipeline folder (model_index.json and every component's config and weights, as save_pretrained "
+            "writes it) or a hub id; re-download or re-save a truncated or corrupt weights file"
+        ) from exc
 
 
 @dataclass
 class TrainState:
-    """Progress counters, saved in every checkpoint (``history`` is not: it is in metrics.jsonl)."""
+    """Progress counters, saved in every checkpoint (``history`` is not: it is re-read from metrics.jsonl).
+
+    Attributes:
+        epoch: completed epochs; also the position in the prompt source (epoch ``e`` draws its prompts
+            from a generator seeded by ``(seed, e)``).
+        global_step: optimizer steps taken.
+        nonfinite_skipped: optimizer steps skipped because a loss or the gradient was NaN / inf.
+        consecutive_nonfinite: skipped steps since the last good one (``train.max_nonfinite_steps`` bounds it).
+        nfe_total: model evaluations of all processes so far.
+        seconds_total: training wall time so far (rollout to update; evaluation excluded).
+        history: this process's per-epoch metrics.
+    """
 
     epoch: int = 0
     global_step: int = 0
     nonfinite_skipped: int = 0
+    consecutive_nonfinite: int = 0
     nfe_total: int = 0
     seconds_total: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def prompt_fingerprint(prompts: PromptSet) -> str:
+    """sha256 of the training prompts and their metadata (a resumed run must draw from the same source)."""
+    body = json.dumps([prompts.prompts, prompts.metadata], sort_keys=True, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
 class Trainer:
     """Runs a recipe. Everything random is drawn from generators seeded by ``(seed, epoch, ...)``.
+
+    Under ``accelerate launch`` each process rolls out an equal, contiguous share of the epoch's prompts
+    (``train.prompts_per_epoch`` is the global count) and scores its own samples; rewards, keys and the
+    transitions' bookkeeping are gathered before credit assignment (:mod:`alignkit.distributed`), so groups
+    span processes and every process holds the same global advantages. Training minibatches are global
+    too: the same shuffled order of all transitions is cut into ``train.train_batch_size`` rows, each process
+    computes the loss of the rows it holds scaled by its share, and the gradients are summed over processes
+    before each optimizer step. The update therefore equals that of one process with the same recipe, up to
+    floating-point summation order, whatever the number of processes.
 
     Args:
         cfg: the validated run configuration.
@@ -80,15 +123,22 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, sampler: Sampler | None = None, reward_set: RewardSet | None = None,
                  *, tensorboard: bool = True) -> None:
-        from accelerate import Accelerator
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate.utils import set_seed
 
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.accelerator = Accelerator(
-            mixed_precision=cfg.train.mixed_precision, cpu=resolve_device(cfg.device).type == "cpu"
+            mixed_precision=cfg.train.mixed_precision, cpu=resolve_device(cfg.device).type == "cpu",
+            # gradients are summed explicitly (see _reduce_gradients); the model's buffers are constants
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
+        self.shard = Shard(self.accelerator.process_index, self.accelerator.num_processes)
+        self.shard.block(list(range(cfg.train.prompts_per_epoch)), "train.prompts_per_epoch")  # fail before loading
         self.device = self.accelerator.device
-        torch.manual_seed(cfg.seed)
+        # alignkit draws from generators seeded per (seed, epoch, ...); the global RNGs (torch, CUDA, Python,
+        # NumPy) are seeded too, for code outside it, and saved in checkpoints
+        set_seed(cfg.seed)
         self.train_prompts, self.eval_prompts = load_prompts(cfg.prompts)
         self.reward_set = reward_set or RewardSet.from_config(cfg.reward, cfg.algo.reward_aggregation)
         self.eval_reward_set = (
@@ -111,19 +161,23 @@ class Trainer:
             params, lr=t.learning_rate, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
         )
         warmup = t.warmup_steps
+        # not prepared: accelerate would step a prepared scheduler once per process at every optimizer step
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
         )
-        module, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-            self.sampler.trainable_module(), self.optimizer, self.lr_scheduler
-        )
+        module, self.optimizer = self.accelerator.prepare(self.sampler.trainable_module(), self.optimizer)
         self.sampler.set_trainable_module(module)
+        self._module = module
         self.params = params
         self.ema = EMA(params, t.ema.decay) if t.ema.enabled else None
         self._last_heldout: float | None = None  # latest held-out mean of the first reward, for the progress bar
         self._pending_scorer: OverlappedScorer | None = None  # scoring during the rollout (train.overlap_rewards)
+        self._gathered: Gathered | None = None  # the global structure of the epoch being trained (score())
         self.state = TrainState()
         self.metrics = MetricsWriter(self.out, tensorboard=tensorboard) if self.is_main else None
+        if self.shard.distributed:
+            logger.warning("process %d of %d: rolls out %d of the %d prompts per epoch", self.shard.rank,
+                           self.shard.world_size, t.prompts_per_epoch // self.shard.world_size, t.prompts_per_epoch)
 
     @property
     def is_main(self) -> bool:
@@ -132,26 +186,52 @@ class Trainer:
     # --- checkpoints ----------------------------------------------------------------------------------
 
     def save(self) -> Path:
+        """Write a checkpoint of everything the next epoch depends on (call on the main process).
+
+        Raises:
+            CheckpointError: the write failed; earlier checkpoints are intact.
+        """
         opt_tensors, opt_meta = optimizer_to_flat(self.optimizer.state_dict())
         tensors = dict(opt_tensors)
         if self.ema is not None:
             tensors.update(self.ema.state_dict())
+        s = self.state
         meta = {
-            "epoch": self.state.epoch, "global_step": self.state.global_step,
-            "nonfinite_skipped": self.state.nonfinite_skipped, "nfe_total": self.state.nfe_total,
-            "seconds_total": self.state.seconds_total, "optimizer": opt_meta,
-            "lr_scheduler": self.lr_scheduler.state_dict(), "config": to_dict(self.cfg),
+            "epoch": s.epoch, "global_step": s.global_step, "nonfinite_skipped": s.nonfinite_skipped,
+            "consecutive_nonfinite": s.consecutive_nonfinite, "nfe_total": s.nfe_total,
+            "seconds_total": s.seconds_total, "optimizer": opt_meta, "lr_scheduler": self.lr_scheduler.state_dict(),
+            "prompts": {"fingerprint": prompt_fingerprint(self.train_prompts), "count": len(self.train_prompts),
+                        "drawn": s.epoch * self.cfg.train.prompts_per_epoch},
+            "world_size": self.shard.world_size, "config": to_dict(self.cfg),
         }
-        return save_checkpoint(self.out, self.state.global_step, write_trainable=self.sampler.save_trainable,
+        return save_checkpoint(self.out, s.global_step, write_trainable=self.sampler.save_trainable,
                                tensors=tensors, meta=meta, keep=self.cfg.train.keep_checkpoints)
 
     def resume(self, path: Path | None = None) -> bool:
-        """Load ``path`` or the latest checkpoint in the output folder; False when there is none."""
+        """Load ``path`` or the latest checkpoint in the output folder; False when there is none.
+
+        Restores the trainable weights, optimizer, LR scheduler, EMA, counters and global RNG states, and
+        drops rows of ``metrics.jsonl`` written after the checkpoint (epochs that will be trained again).
+
+        Raises:
+            CheckpointError: the checkpoint cannot be read, or was written for other training prompts.
+        """
         path = path or latest_checkpoint(self.out)
         if path is None:
             return False
-        self.sampler.load_trainable(path / "trainable")
         tensors, meta = load_checkpoint(path)
+        saved = meta.get("prompts", {}).get("fingerprint")
+        if saved is not None and saved != prompt_fingerprint(self.train_prompts):
+            raise CheckpointError(
+                f"checkpoint {path} was written for other training prompts (fingerprint {saved}, now "
+                f"{prompt_fingerprint(self.train_prompts)}); resuming would not continue that run. Use a new "
+                "output_dir, or set train.resume=false to start afresh in this one"
+            )
+        try:
+            self.sampler.load_trainable(path / "trainable")
+        except Exception as exc:  # safetensors, peft and the adapter each raise their own types
+            raise CheckpointError(f"checkpoint {path}: the trainable weights cannot be loaded ({exc}); delete the "
+                                  "folder to resume from an older checkpoint") from exc
         self.optimizer.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
         self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
         if self.ema is not None:
@@ -159,17 +239,47 @@ class Trainer:
         self.state.epoch = meta["epoch"]
         self.state.global_step = meta["global_step"]
         self.state.nonfinite_skipped = meta.get("nonfinite_skipped", 0)
+        self.state.consecutive_nonfinite = meta.get("consecutive_nonfinite", 0)
         self.state.nfe_total = meta.get("nfe_total", 0)
         self.state.seconds_total = meta.get("seconds_total", 0.0)
+        self.state.history = self._truncate_metrics(self.state.epoch)
         logger.info("resumed from %s (epoch %d, step %d)", path, self.state.epoch, self.state.global_step)
         return True
+
+    def _truncate_metrics(self, epoch: int) -> list[dict[str, float]]:
+        """Keep the ``metrics.jsonl`` rows of epochs ``<= epoch`` (main process rewrites the file atomically);
+        returns the kept rows of trained epochs."""
+        path = self.out / "metrics.jsonl"
+        rows = read_metrics(path) if path.is_file() else []
+        kept = [r for r in rows if r.get("epoch", 0) <= epoch]
+        if self.is_main and len(kept) < len(rows):
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
+            os.replace(tmp, path)
+            logger.info("metrics.jsonl: dropped %d rows written after the checkpoint", len(rows) - len(kept))
+        self.accelerator.wait_for_everyone()
+        return [r for r in kept if r.get("epoch", 0) >= 1 and "reward/score_mean" in r]
+
+    def _checkpoint(self) -> None:
+        """Save on the main process; every process raises if the save failed."""
+        failure = None
+        if self.is_main:
+            try:
+                self.save()
+            except CheckpointError as exc:
+                failure = str(exc)
+        failures = [f for f in self.shard.gather(failure) if f]
+        if failures:
+            raise CheckpointError(failures[0])
 
     # --- one epoch ------------------------------------------------------------------------------------
 
     def rollout(self, epoch: int) -> tuple[Rollout, PlanSchedule]:
+        """This process's share of epoch ``epoch``'s rollout, transitions in (sample, step) order."""
         cfg = self.cfg
         gen = sample_generator(cfg.seed, epoch, _TAG_PROMPTS)
         ids = self.train_prompts.epoch_selection(cfg.train.prompts_per_epoch, gen, cfg.prompts.shuffle)
+        ids = self.shard.block(ids, "train.prompts_per_epoch")
         schedule = self.plan.schedule(self.sampler.num_steps, epoch, sample_generator(cfg.seed, epoch, _TAG_PLAN))
         request = RolloutRequest(
             prompts=[self.train_prompts.prompts[i] for i in ids], prompt_ids=ids,
@@ -179,30 +289,61 @@ class Trainer:
         scorer = OverlappedScorer(self.reward_set, request.prompts, request.metadata) \
             if cfg.train.overlap_rewards else None
         rollout = self.engine.run(request, schedule, sink=scorer.submit if scorer is not None else None)
+        rollout = replace(rollout, transitions=canonical_order(rollout.transitions, rollout.num_steps))
         self._pending_scorer = scorer
         return rollout, schedule
 
     def score(self, rollout: Rollout) -> tuple[RewardTable, torch.Tensor, Credit]:
-        """Rewards (already computed during the rollout when ``train.overlap_rewards``), group scores, credit."""
-        scorer, self._pending_scorer = self._pending_scorer, None
-        if scorer is not None:
-            table = scorer.result()  # waits only for the chunks still being scored
-        else:
-            table = self.reward_set.score(rollout.samples, rollout.sample_prompts, rollout.sample_metadata)
-        groups = self.credit.groups(rollout.keys)
-        c = self.cfg.algo.credit
-        score = self.reward_set.aggregate(table, groups, std=c.std, eps=c.eps)
-        return table, score, self.credit.assign(score, rollout.keys, rollout.transitions)
+        """Rewards of this process's samples (already computed during the rollout when
+        ``train.overlap_rewards``), gathered over processes; the global scores ``[S]`` and credit ``[M]``.
 
-    def _training_rows(self, rollout: Rollout, credit: Credit, epoch: int, inner: int) -> torch.Tensor:
-        """Indices of the transitions to train on this inner epoch, shuffled.
+        Raises:
+            RewardError: a reward raised on any process.
+        """
+        scorer, self._pending_scorer = self._pending_scorer, None
+        table: RewardTable | None = None
+        failure: str | None = None
+        try:
+            if scorer is not None:
+                table = scorer.result()  # waits only for the chunks still being scored
+            else:
+                table = self.reward_set.score(rollout.samples, rollout.sample_prompts, rollout.sample_metadata)
+        except Exception as exc:
+            if not self.shard.distributed:
+                raise
+            failure = f"process {self.shard.rank}: {type(exc).__name__}: {exc}"
+        if self.shard.distributed:  # no process may wait in the gather for one that failed
+            failures = [f for f in self.shard.gather(failure) if f]
+            if failures:
+                raise RewardError(failures[0])
+        assert table is not None
+        g = gather_rollout(self.shard, table, rollout.keys, rollout.transitions, num_prompts=len(rollout.prompts),
+                           nfe=rollout.nfe)
+        self._gathered = g
+        groups = self.credit.groups(g.keys)
+        c = self.cfg.algo.credit
+        score = self.reward_set.aggregate(g.table, groups, std=c.std, eps=c.eps)
+        return g.table, score, self.credit.assign(score, g.keys, g.transitions)
+
+    def _layout(self, rollout: Rollout) -> Gathered:
+        """The global structure :meth:`score` gathered for ``rollout`` (trivial for one process)."""
+        g = self._gathered
+        if g is None or g.local_transitions != len(rollout.transitions):
+            if self.shard.distributed:
+                raise RuntimeError("Trainer.optimize needs Trainer.score of the same rollout first")
+            return Gathered(table=RewardTable({}, {}), keys=rollout.keys, transitions=rollout.transitions,
+                            transition_offset=0, local_transitions=len(rollout.transitions), nfe=rollout.nfe)
+        return g
+
+    def _training_rows(self, transitions: Transitions, credit: Credit, epoch: int, inner: int) -> torch.Tensor:
+        """Global indices of the transitions to train on this inner epoch, shuffled (the same on every process).
 
         ``timestep_fraction < 1`` keeps a random subset of each sample's stored steps.
         """
-        tr = rollout.transitions
+        tr = transitions
         keep = credit.mask.clone()  # [M]
         frac = self.cfg.algo.timestep_fraction
-        if frac < 1.0:
+        if frac < 1.0 and len(tr):
             gen = sample_generator(self.cfg.seed, epoch, inner, _TAG_SUBSAMPLE)
             noise = torch.rand(len(tr), generator=gen)  # [M]
             # rank of each transition among its sample's transitions by random key
@@ -220,86 +361,144 @@ class Trainer:
         perm = torch.randperm(len(rows), generator=sample_generator(self.cfg.seed, epoch, inner, _TAG_SHUFFLE))
         return rows[perm]
 
-    def _minibatch_loss(self, rollout: Rollout, credit: Credit, rows: torch.Tensor) -> Any:
+    def _minibatch_loss(self, rollout: Rollout, credit: Credit, rows: torch.Tensor,
+                        global_rows: torch.Tensor | None = None) -> Any:
+        """Objective of this process's transitions ``rows`` (local indices ``[b]``); ``global_rows`` ``[b]``
+        index ``credit`` (the same as ``rows`` for one process)."""
+        g = rows if global_rows is None else global_rows
         tr: Transitions = rollout.transitions.select(rows)
         cond = index_batch(rollout.cond, rollout.keys.prompt_index[tr.sample_index])
         step = tr.step.to(self.device)
         dist = self.sampler.transition(tr.state, step, cond, stochastic=True)
-        log_prob = dist.log_prob(tr.next_state)  # [B]
+        log_prob = dist.log_prob(tr.next_state)  # [b]
         kl = None
         if self.cfg.algo.objective.beta > 0:
             with torch.no_grad(), self.sampler.reference():
                 ref = self.sampler.transition(tr.state, step, cond, stochastic=True)
-            kl = dist.kl(ref)  # [B]
+            kl = dist.kl(ref)  # [b]
         return grpo_objective(
-            log_prob, tr.log_prob.to(self.device), credit.advantage[rows].to(self.device),
-            credit.weight[rows].to(self.device), kl, self.cfg.algo.objective,
+            log_prob, tr.log_prob.to(self.device), credit.advantage[g].to(self.device),
+            credit.weight[g].to(self.device), kl, self.cfg.algo.objective,
         )
 
+    _STATS = ("loss", "policy_loss", "kl", "ratio_mean", "clip_fraction", "approx_kl")
+
     def optimize(self, rollout: Rollout, credit: Credit, epoch: int) -> dict[str, float]:
-        """Inner epochs of clipped updates over the stored transitions."""
+        """Inner epochs of clipped updates over the stored transitions.
+
+        Each optimizer step covers ``train.gradient_accumulation_steps`` global minibatches of
+        ``train.train_batch_size`` transitions; its loss is the mean over minibatches of each minibatch's
+        mean. A step whose loss or gradient is NaN / inf on any process is skipped on every process and
+        counted (``train/skipped_steps``, ``train/nonfinite_skipped``); more than
+        ``train.max_nonfinite_steps`` consecutive skipped steps stop the run (:class:`NonFiniteError`).
+        """
         t = self.cfg.train
-        sums: dict[str, float] = {}
-        count = 0
+        layout = self._layout(rollout)
+        stats = torch.zeros(len(self._STATS) + 1, dtype=torch.float64)  # per-minibatch means summed, + first ratio
+        minibatches = 0
+        skipped = 0
         grad_norms: list[float] = []
-        first_ratio = math.nan
         self.sampler.train(True)
-        module = self.sampler.trainable_module()
         for inner in range(t.inner_epochs):
-            rows = self._training_rows(rollout, credit, epoch, inner)
+            rows = self._training_rows(layout.transitions, credit, epoch, inner)
             batches = list(torch.split(rows, t.train_batch_size))
             accum = t.gradient_accumulation_steps
-            for b, mb in enumerate(batches):
-                group_start = (b // accum) * accum
-                group_len = min(accum, len(batches) - group_start)
-                sync = b == group_start + group_len - 1
-                ctx = self.accelerator.no_sync(module) if not sync else _nullcontext()
-                with ctx:
-                    out = self._minibatch_loss(rollout, credit, mb)
-                    if not torch.isfinite(out.loss):
-                        self._count_nonfinite(out.loss)
-                        self.optimizer.zero_grad(set_to_none=True)
-                        continue
-                    self.accelerator.backward(out.loss / group_len)
-                if math.isnan(first_ratio):
-                    first_ratio = float(out.ratio_mean)
-                for key in ("loss", "policy_loss", "kl", "ratio_mean", "clip_fraction", "approx_kl"):
-                    sums[key] = sums.get(key, 0.0) + float(getattr(out, key).detach())
-                count += 1
-                if sync:
-                    norm = self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm)
-                    if not torch.isfinite(torch.as_tensor(norm)):
-                        self._count_nonfinite(torch.as_tensor(norm))
-                        self.optimizer.zero_grad(set_to_none=True)
-                        continue
-                    grad_norms.append(float(norm))
-                    self.optimizer.step()
-                    self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.state.global_step += 1
-                    self._consecutive_nonfinite = 0
-                    if self.ema is not None and self.state.global_step % t.ema.every == 0:
-                        self.ema.update()
+            for start in range(0, len(batches), accum):
+                group = batches[start:start + accum]
+                step_stats, norm = self._update(rollout, credit, layout, group, first=minibatches == 0)
+                if norm is None:
+                    skipped += 1
+                    continue
+                if minibatches == 0:
+                    stats[-1] = step_stats[-1]
+                stats[:-1] += step_stats[:-1]
+                minibatches += len(group)
+                grad_norms.append(norm)
         self.sampler.train(False)
-        stats = {f"train/{k}": v / max(count, 1) for k, v in sums.items()}
-        stats["train/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
-        stats["train/first_ratio"] = first_ratio
-        stats["train/minibatches"] = float(count)
-        stats["train/lr"] = float(self.lr_scheduler.get_last_lr()[0])
-        return stats
+        self.shard.sum_(stats)
+        out = {f"train/{k}": float(stats[i]) / minibatches if minibatches else math.nan
+               for i, k in enumerate(self._STATS)}
+        out["train/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
+        out["train/first_ratio"] = float(stats[-1]) if minibatches else math.nan
+        out["train/minibatches"] = float(minibatches)
+        out["train/skipped_steps"] = float(skipped)
+        out["train/lr"] = float(self.lr_scheduler.get_last_lr()[0])
+        return out
 
-    _consecutive_nonfinite = 0
+    def _update(self, rollout: Rollout, credit: Credit, layout: Gathered, group: list[torch.Tensor],
+                first: bool) -> tuple[torch.Tensor, float | None]:
+        """One optimizer step over the global minibatches ``group``; ``(this process's share of the summed
+        minibatch statistics, gradient norm)``, the norm None when the step was skipped as non-finite."""
+        stats = torch.zeros(len(self._STATS) + 1, dtype=torch.float64)
+        reason = ""
+        for b, mb in enumerate(group):
+            local, global_rows = layout.local_rows(mb)
+            if not len(local):
+                continue
+            share = len(local) / len(mb)  # this process's fraction of the global minibatch
+            with self.accelerator.no_sync(self._module):  # summed explicitly in _reduce_gradients
+                out = self._minibatch_loss(rollout, credit, local, global_rows)
+                if not bool(torch.isfinite(out.loss)):
+                    reason = f"loss {float(out.loss.detach())} on process {self.shard.rank}"
+                    break
+                self.accelerator.backward(out.loss * (share / len(group)))
+            values = [float(getattr(out, k).detach()) for k in self._STATS]
+            stats[:-1] += torch.tensor(values, dtype=torch.float64) * share
+            if first and b == 0:
+                stats[-1] = float(out.ratio_mean) * share
+        reason = self._reduce_gradients(reason)
+        norm = None
+        if not reason:
+            norm = float(self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm))
+            if not math.isfinite(norm):
+                reason = f"gradient norm {norm}"
+        if reason:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._count_nonfinite(reason)
+            return stats, None
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.global_step += 1
+        self.state.consecutive_nonfinite = 0
+        t = self.cfg.train
+        if self.ema is not None and self.state.global_step % t.ema.every == 0:
+            self.ema.update()
+        return stats, norm
 
-    def _count_nonfinite(self, value: torch.Tensor) -> None:
-        self.state.nonfinite_skipped += 1
-        self._consecutive_nonfinite += 1
-        logger.warning("non-finite loss or gradient (%s): update skipped (%d so far)", value.item(),
-                       self.state.nonfinite_skipped)
-        if self._consecutive_nonfinite > self.cfg.train.max_nonfinite_steps:
+    def _reduce_gradients(self, reason: str) -> str:
+        """Sum the gradients over processes (one collective, with a flag for a non-finite loss anywhere);
+        returns ``reason`` or, if another process saw a non-finite loss, a reason naming that."""
+        if not self.shard.distributed:
+            return reason
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.detach().float().flatten() for g in grads]
+                         + [torch.tensor([1.0 if reason else 0.0], device=grads[0].device)])
+        self.shard.sum_(flat)
+        if float(flat[-1]) > 0:
+            return reason or "loss on another process"
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+            offset += n
+        return ""
+
+    def _count_nonfinite(self, reason: str) -> None:
+        s = self.state
+        s.nonfinite_skipped += 1
+        s.consecutive_nonfinite += 1
+        logger.warning("non-finite %s: optimizer step skipped (%d skipped so far, %d in a row)", reason,
+                       s.nonfinite_skipped, s.consecutive_nonfinite)
+        limit = self.cfg.train.max_nonfinite_steps
+        if s.consecutive_nonfinite > limit:
+            last = latest_checkpoint(self.out)
+            kept = f"the last checkpoint, {last}, is kept" if last else "no checkpoint had been written yet"
             raise NonFiniteError(
-                f"{self._consecutive_nonfinite} consecutive non-finite updates (train.max_nonfinite_steps="
-                f"{self.cfg.train.max_nonfinite_steps}); lower train.learning_rate or check the rewards. "
-                "The last checkpoint is kept."
+                f"{s.consecutive_nonfinite} consecutive optimizer steps had a non-finite loss or gradient (last: "
+                f"{reason}; limit train.max_nonfinite_steps={limit}) at epoch {s.epoch}; {kept}. Lower "
+                "train.learning_rate, check that the sampler's log-probs are finite (backbone.dtype=float32 "
+                "helps), or raise train.max_nonfinite_steps"
             )
 
     # --- the loop -------------------------------------------------------------------------------------
@@ -326,10 +525,11 @@ class Trainer:
                 t2 = time.perf_counter()
                 stats = self.optimize(rollout, credit, epoch)
                 t3 = time.perf_counter()
+                gathered = self._layout(rollout)
                 self.state.epoch += 1
-                self.state.nfe_total += rollout.nfe
+                self.state.nfe_total += gathered.nfe
                 self.state.seconds_total += t3 - t0
-                metrics = self._epoch_metrics(rollout, table, score, credit, stats, (t0, t1, t2, t3))
+                metrics = self._epoch_metrics(gathered, table, score, credit, stats, (t0, t1, t2, t3))
                 last = self.state.epoch == cfg.train.epochs
                 if self.is_main and ((cfg.eval.every and self.state.epoch % cfg.eval.every == 0)
                                      or (last and cfg.eval.before_after)):
@@ -345,10 +545,9 @@ class Trainer:
                     bar.set_postfix(self._postfix(metrics))
                     bar.update(1)
                 self.state.history.append(metrics)
+                self._gathered = None
                 if self.state.epoch % cfg.train.checkpoint_every == 0 or self.state.epoch == cfg.train.epochs:
-                    if self.is_main:
-                        self.save()
-                    self.accelerator.wait_for_everyone()
+                    self._checkpoint()
         finally:
             bar.close()
             if self.metrics is not None:
@@ -367,8 +566,9 @@ class Trainer:
         fields["clip"] = f"{metrics.get('train/clip_fraction', float('nan')):.2f}"
         return fields
 
-    def _epoch_metrics(self, rollout: Rollout, table: RewardTable, score: torch.Tensor, credit: Credit,
+    def _epoch_metrics(self, gathered: Gathered, table: RewardTable, score: torch.Tensor, credit: Credit,
                        stats: dict[str, float], times: tuple[float, float, float, float]) -> dict[str, float]:
+        """Metrics of the whole epoch (all processes): rewards, credit, rollout sizes, timings, training."""
         t0, t1, t2, t3 = times
         m: dict[str, float] = {"epoch": float(self.state.epoch), "global_step": float(self.state.global_step)}
         for name, raw in table.raw.items():
@@ -380,12 +580,13 @@ class Trainer:
         m["reward/score_mean"] = float(valid.mean()) if len(valid) else math.nan
         m["credit/zero_std_fraction"] = credit.zero_std_fraction
         m["credit/masked_transitions"] = float((~credit.mask).sum())
-        m["rollout/nfe"] = float(rollout.nfe)
+        m["rollout/nfe"] = float(gathered.nfe)
         m["rollout/nfe_total"] = float(self.state.nfe_total)
         m["time/total_s"] = self.state.seconds_total
-        m["rollout/samples"] = float(len(rollout.keys))
-        m["rollout/transitions"] = float(len(rollout.transitions))
+        m["rollout/samples"] = float(len(gathered.keys))
+        m["rollout/transitions"] = float(len(gathered.transitions))
         m["train/nonfinite_skipped"] = float(self.state.nonfinite_skipped)
+        m["run/processes"] = float(self.shard.world_size)
         m["time/rollout_s"], m["time/reward_s"], m["time/train_s"] = t1 - t0, t2 - t1, t3 - t2
         m.update(stats)
         return m
@@ -408,14 +609,15 @@ class Trainer:
         return out
 
     def _save_samples(self, rollout: Rollout, score: torch.Tensor, name: str, limit: int = 16) -> Path | None:
-        """A captioned PNG of the first ``limit`` samples: an image grid, or one frame strip per video."""
+        """A captioned preview of the first ``limit`` samples through the sampler's :meth:`Sampler.save_samples`
+        (a PNG grid or frame strips; adapters may add media files, e.g. wav for audio, mp4 for video)."""
         samples = rollout.samples
         if not isinstance(samples, torch.Tensor):
             return None
         n = min(limit, samples.shape[0])
         prompts = rollout.sample_prompts
         captions = [f"{prompts[i]} | r={float(score[i]):.3g}" for i in range(n)]
-        return save_samples(samples[:n], captions, self.out / "samples" / f"{name}.png")
+        return self.sampler.save_samples(samples[:n], captions, self.out / "samples" / f"{name}.png")
 
 
 def _fmt(metrics: dict[str, float]) -> str:

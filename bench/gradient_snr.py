@@ -10,6 +10,8 @@ advantage groups, so each half's advantages still sum to zero per group. Reporte
 * ``epoch_cos``: the Spearman-Brown estimate ``2c / (1 + c)`` of the same fraction for the whole epoch.
 * ``nonzero_advantage_per_epoch``: transitions whose advantage is not 0 (a group whose samples all score the
   same gives none), out of ``transitions_per_epoch``.
+* ``per_step``: for each stored schedule step, the share of its transitions with a non-zero advantage and
+  the mean of ``|advantage| * weight`` (its size in the policy loss) -- where along the schedule the signal is.
 * ``cross_cos``: cosine between whole-epoch gradients of different epochs (different prompts and noise).
   If every epoch estimated one shared direction, it would be about ``epoch_cos``; near 0 means the epochs'
   true gradients themselves point different ways (few prompts per epoch) or are swamped by noise.
@@ -63,6 +65,7 @@ def measure(method: str, epochs: int, workdir: Path, extra: list[str]) -> dict[s
     ])
     trainer = Trainer(cfg, tensorboard=False)
     halves, full, sizes, totals = [], [], [], []
+    per_step: dict[int, dict[str, float]] = {}
     for epoch in range(epochs):
         rollout, _ = trainer.rollout(epoch)
         _, _, credit = trainer.score(rollout)
@@ -74,6 +77,12 @@ def measure(method: str, epochs: int, workdir: Path, extra: list[str]) -> dict[s
         full.append(ga * len(a) + gb * len(b))
         sizes.append(len(rows))
         totals.append(int(credit.mask.sum()))
+        for k in torch.unique(rollout.transitions.step).tolist():
+            at = (rollout.transitions.step == k) & credit.mask  # [M]
+            acc = per_step.setdefault(int(k), {"transitions": 0, "nonzero": 0, "abs_adv_weight": 0.0})
+            acc["transitions"] += int(at.sum())
+            acc["nonzero"] += int((credit.advantage[at] != 0).sum())
+            acc["abs_adv_weight"] += float((credit.advantage[at].abs() * credit.weight[at]).sum())
         logger.info("%s epoch %d: %d transitions with non-zero advantage, half cos %.3f", method, epoch,
                     len(rows), halves[-1])
     cross = [float(torch.nn.functional.cosine_similarity(full[i], full[j], dim=0))
@@ -82,7 +91,12 @@ def measure(method: str, epochs: int, workdir: Path, extra: list[str]) -> dict[s
     return {"half_cos": c, "half_cos_sd": statistics.pstdev(halves), "epoch_cos": 2 * c / (1 + c) if c > -1 else c,
             "cross_cos": statistics.mean(cross), "cross_cos_sd": statistics.pstdev(cross),
             "transitions_per_epoch": statistics.mean(totals), "nonzero_advantage_per_epoch": statistics.mean(sizes),
-            "epochs": epochs}
+            "epochs": epochs,
+            # per stored step: the share of its transitions with a non-zero advantage, and its mean |A w|
+            # (the size of its term in the policy loss): where along the schedule the learning signal is
+            "per_step": {k: {"nonzero_fraction": v["nonzero"] / v["transitions"],
+                             "mean_abs_adv_weight": v["abs_adv_weight"] / v["transitions"]}
+                         for k, v in sorted(per_step.items())}}
 
 
 def main() -> None:
@@ -98,7 +112,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
             results[method] = measure(method, args.epochs, Path(tmp), args.overrides)
-            logger.info("%s: %s", method, {k: round(v, 4) for k, v in results[method].items()})
+            logger.info("%s: %s", method, {k: round(v, 4) for k, v in results[method].items() if k != "per_step"})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"overrides": args.overrides, "results": results}, indent=1))
     logger.info("written %s", args.out)

@@ -1,0 +1,1 @@
+"""Masked discrete diffusion: masked-LM samplers (text, shapes palette tokens) and the arithmetic toy task."""

@@ -1,0 +1,126 @@
+"""NaN / inf in log-probs, losses or gradients: the optimizer step is skipped and counted; the run stops
+with a clear message when it persists (``train.max_nonfinite_steps`` consecutive steps)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import alignkit.trainer as trainer_mod
+from alignkit.checkpoint import latest_checkpoint, load_checkpoint
+from alignkit.cli import main
+from alignkit.errors import NonFiniteError
+from alignkit.metrics import read_metrics
+from alignkit.recipes import load_run_config
+from alignkit.trainer import Trainer
+
+pytestmark = pytest.mark.integration
+
+# 2 prompts x 2 seeds x 3 trained steps = 12 transitions per epoch, 3 per minibatch: 4 optimizer steps per epoch
+STEPS_PER_EPOCH = 4
+
+
+def _overrides(out: Path, epochs: int, limit: int = 3) -> list[str]:
+    return [f"output_dir={out}", f"train.epochs={epochs}", "train.prompts_per_epoch=2", "algo.num_seeds=2",
+            "train.rollout_batch_size=4", "train.train_batch_size=3", "backbone.num_steps=4",
+            "train.checkpoint_every=1", "train.sample_every=1000", f"train.max_nonfinite_steps={limit}",
+            "train.ema.enabled=false"]
+
+
+class PoisonLogProb:
+    """Wraps ``sampler.transition``: in the training forwards (grad enabled) numbered ``bad`` (1-based), the
+    returned distribution's log-probs get ``value`` (NaN or inf) added, as a diverged model would give."""
+
+    def __init__(self, sampler, bad: set[int] | None = None, after: int | None = None, value: float = math.nan):
+        self.inner = sampler.transition
+        self.bad, self.after, self.value = bad or set(), after, value
+        self.calls = 0
+        sampler.transition = self
+
+    def __call__(self, state, step, cond, stochastic):
+        dist = self.inner(state, step, cond, stochastic=stochastic)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls in self.bad or (self.after is not None and self.calls >= self.after):
+                clean = dist.log_prob
+                dist.log_prob = lambda x: clean(x) + self.value
+        return dist
+
+
+def _lora(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.sampler.pipe.transformer.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_occasional_nonfinite_log_probs_skip_and_count_steps(tmp_path: Path, value: float,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    trainer = Trainer(load_run_config("sd3_tiny_flow_grpo", _overrides(tmp_path, 3)), tensorboard=False)
+    poison = PoisonLogProb(trainer.sampler, bad={2, 7})
+    before = _lora(trainer)
+    with caplog.at_level(logging.WARNING):
+        state = trainer.train()
+    assert poison.calls == 3 * STEPS_PER_EPOCH
+    assert state.nonfinite_skipped == 2 and state.consecutive_nonfinite == 0
+    assert state.global_step == 3 * STEPS_PER_EPOCH - 2
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["train/skipped_steps"] for r in rows] == [1.0, 1.0, 0.0]
+    assert [r["train/nonfinite_skipped"] for r in rows] == [1.0, 2.0, 2.0]
+    assert all(math.isfinite(r["train/loss"]) and math.isfinite(r["train/grad_norm"]) for r in rows)
+    assert "optimizer step skipped" in caplog.text and "process 0" in caplog.text
+    after = _lora(trainer)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert load_checkpoint(latest_checkpoint(tmp_path))[1]["nonfinite_skipped"] == 2
+
+
+def test_persistent_nan_stops_the_run_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    trainer = Trainer(load_run_config("sd3_tiny_flow_grpo", _overrides(tmp_path, 4, limit=2)), tensorboard=False)
+    PoisonLogProb(trainer.sampler, after=STEPS_PER_EPOCH + 1)  # every step from the second epoch on
+    with pytest.raises(NonFiniteError) as info:
+        trainer.train()
+    msg = str(info.value)
+    for words in ("3 consecutive optimizer steps", "train.max_nonfinite_steps=2", "loss nan", "step-00000004",
+                  "is kept", "train.learning_rate"):
+        assert words in msg, (words, msg)
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.name == "step-00000004"
+    tensors, meta = load_checkpoint(ckpt)
+    assert meta["epoch"] == 1 and all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
+    assert trainer.state.nonfinite_skipped == 3
+
+
+def test_nonfinite_gradient_is_skipped(tmp_path: Path) -> None:
+    trainer = Trainer(load_run_config("sd3_tiny_flow_grpo", _overrides(tmp_path, 1)), tensorboard=False)
+    calls = {"n": 0}
+
+    def poison_grad(grad: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return grad * math.nan if calls["n"] == 3 else grad
+
+    trainer.params[0].register_hook(poison_grad)
+    state = trainer.train()
+    assert calls["n"] == STEPS_PER_EPOCH
+    assert state.nonfinite_skipped == 1 and state.global_step == STEPS_PER_EPOCH - 1
+    assert all(torch.isfinite(p).all() for p in trainer.params)
+
+
+def test_cli_reports_persistent_nan_without_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    real = trainer_mod.build_sampler
+
+    def poisoned(cfg, device):
+        sampler = real(cfg, device)
+        PoisonLogProb(sampler, after=1)
+        return sampler
+
+    monkeypatch.setattr(trainer_mod, "build_sampler", poisoned)
+    code = main(["train", "sd3_tiny_flow_grpo", *_overrides(tmp_path, 2, limit=0)])
+    assert code == 2
+    assert "1 consecutive optimizer steps" in caplog.text and "train.max_nonfinite_steps=0" in caplog.text
+    assert "no checkpoint had been written yet" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert latest_checkpoint(tmp_path) is None
