@@ -12,9 +12,10 @@ Both libraries are imported lazily, so importing this module needs neither.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -137,6 +138,38 @@ def write_mp4(
         for packet in stream.encode():  # flush delayed frames
             container.mux(packet)
     logger.debug("wrote %s: %d frames %dx%d, %s at %s fps", path, arr.shape[0], arr.shape[2], arr.shape[1], codec, rate)
+    return path
+
+
+def save_previews(videos: torch.Tensor, captions: Sequence[str], path: PathLike, fps: float = 16) -> Path:
+    """Preview clips: frame strips at ``path`` and one mp4 per clip in a folder beside it.
+
+    ``videos`` ``[B, F, 3, H, W]`` float in [0, 1]; ``captions`` one per clip (shorter lists leave the rest
+    blank). The strips go through :func:`alignkit.media.save_samples`; the folder ``path`` without its
+    suffix gets ``000.mp4``, ``001.mp4``, ... (:func:`write_mp4` at ``fps``) and ``index.jsonl`` (one
+    ``{"file", "caption"}`` row per clip).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: when ``videos`` is not a float ``[B, F, 3, H, W]`` tensor.
+    """
+    from alignkit.media import save_samples
+
+    if not isinstance(videos, torch.Tensor) or videos.dim() != 5 or videos.shape[2] != 3 \
+            or not videos.is_floating_point():
+        got = tuple(videos.shape) if isinstance(videos, torch.Tensor) else type(videos).__name__
+        raise ValueError(f"video previews need float clips [B, F, 3, H, W] in [0, 1], got {got}")
+    path = Path(path)
+    save_samples(videos, captions, path)
+    folder = path.with_suffix("")
+    rows = []
+    for i, clip in enumerate(videos):
+        name = f"{i:03d}.mp4"
+        write_mp4(clip, folder / name, fps)
+        rows.append({"file": name, "caption": captions[i] if i < len(captions) else ""})
+    (folder / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -12,15 +14,59 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from alignkit.config import BackboneConfig, ConfigError
 from alignkit.flow import randn
 from alignkit.types import Conditioning
-from modalities.diffusers_common import DiffusersFlowSampler, register_builtin
+from modalities.diffusers_common import (
+    SHIPPED,
+    DiffusersFlowSampler,
+    builtin_cache_dir,
+    register_builtin,
+    resolve_pretrained,
+)
 
 logger = logging.getLogger(__name__)
 
 OPTIONS = ("flow_shift",)
 """Valid ``backbone.options`` keys: ``flow_shift`` overrides the schedule shift of the checkpoint's scheduler."""
 
-# Every released Wan VAE compresses time 4x; Wan2.1 and Wan2.2-A14B compress space 8x and patchify 2x2.
-_WAN_TEMPORAL, _WAN_SPATIAL_MULTIPLE = 4, 16
+# Every released Wan VAE compresses time 4x; Wan2.1 and Wan2.2-A14B compress space 8x and patchify 2x2. These
+# are AutoencoderKLWan's config defaults too (scale_factor_temporal / scale_factor_spatial).
+_WAN_TEMPORAL, _WAN_SPATIAL, _WAN_PATCH = 4, 8, 2
+
+
+def _local_folder(pretrained: str) -> Path | None:
+    """The local pipeline folder ``pretrained`` names, when it can be read without loading or building it."""
+    if pretrained.startswith("builtin:"):
+        name = pretrained.removeprefix("builtin:")
+        if name in SHIPPED:
+            try:
+                return Path(resolve_pretrained(pretrained))
+            except FileNotFoundError:  # weights not built: loading raises with the command that builds them
+                return None
+        folder = builtin_cache_dir() / name  # a built builtin; an unbuilt one is checked again after loading
+        return folder if (folder / "model_index.json").is_file() else None
+    folder = Path(pretrained).expanduser()
+    return folder if (folder / "model_index.json").is_file() else None
+
+
+def compression(pretrained: str) -> tuple[int, int]:
+    """``(temporal factor, spatial multiple)`` that ``num_frames - 1`` and height / width must be multiples of.
+
+    Read from the pipeline folder's ``vae/config.json`` (``scale_factor_temporal``, ``scale_factor_spatial``)
+    and ``transformer/config.json`` (``patch_size``) when ``pretrained`` is a local folder or a shipped or
+    already built ``builtin:`` pipeline; a hub id (not downloaded yet) gets the released Wan values (4, 8 x 2),
+    and every pipeline is checked again with its loaded VAE (``WanPipeline.vae_scale_factor_*``).
+    """
+    folder = _local_folder(pretrained)
+    vae: dict[str, Any] = {}
+    transformer: dict[str, Any] = {}
+    if folder is not None:
+        for name, target in (("vae", vae), ("transformer", transformer)):
+            path = folder / name / "config.json"
+            if path.is_file():
+                target.update(json.loads(path.read_text()))
+    temporal = vae.get("scale_factor_temporal") or _WAN_TEMPORAL
+    spatial = vae.get("scale_factor_spatial") or _WAN_SPATIAL
+    patch = transformer.get("patch_size") or (1, _WAN_PATCH, _WAN_PATCH)
+    return int(temporal), int(spatial) * max(int(patch[1]), int(patch[2]))
 
 
 def _shape_problems(cfg: BackboneConfig, path: str, temporal: int, spatial_multiple: int) -> list[str]:
@@ -87,6 +133,8 @@ class WanSampler(DiffusersFlowSampler):
 
     pipeline_class: ClassVar[type] = WanPipeline
     modality: ClassVar[str] = "video"
+    preview_fps: ClassVar[int] = 16
+    """Frame rate of the mp4 previews (Wan2.1's output rate)."""
 
     def __init__(
         self, pipe: Any, cfg: BackboneConfig, *, step_kind: str, noise_level: float, device: torch.device
@@ -112,7 +160,7 @@ class WanSampler(DiffusersFlowSampler):
 
     @classmethod
     def check_config(cls, cfg: BackboneConfig, path: str = "backbone") -> list[str]:
-        problems = _shape_problems(cfg, path, _WAN_TEMPORAL, _WAN_SPATIAL_MULTIPLE)
+        problems = _shape_problems(cfg, path, *compression(cfg.pretrained))
         unknown = sorted(set(cfg.options) - set(OPTIONS))
         if unknown:
             problems.append(f"{path}.options has unknown keys {unknown} for Wan; valid: {', '.join(OPTIONS)}")
@@ -157,6 +205,13 @@ class WanSampler(DiffusersFlowSampler):
         out = self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=emb, return_dict=False)[0]
         return self.guide(out) if self.do_cfg else out
 
+    def save_samples(self, samples: Any, captions: Sequence[str], path: Path) -> Path | None:
+        """Frame strips at ``path`` (PNG) and one mp4 per clip at :attr:`preview_fps` in a folder beside it
+        (:func:`modalities.video.io.save_previews`): the trainer's ``samples/eval_before/000.mp4``, ..."""
+        from modalities.video.io import save_previews
+
+        return save_previews(samples, captions, path, self.preview_fps)
+
     @torch.no_grad()
     def decode(self, state: torch.Tensor) -> torch.Tensor:
         """Latents ``[B, C, f, h, w]`` to frames ``[B, F, 3, H, W]`` in [0, 1] (float32), as ``WanPipeline``."""
@@ -174,3 +229,11 @@ def _tiny_wan() -> WanPipeline:
     from modalities.video.tiny import build_tiny_wan_pipeline
 
     return build_tiny_wan_pipeline(seed=0)
+
+
+@register_builtin("shapes-video", shipped=True)
+def _shapes_video() -> Path:
+    """The pretrained moving-shapes video model shipped in ``modalities/video/shapes/weights``."""
+    from modalities.video.shapes.model import shipped_weights
+
+    return shipped_weights()

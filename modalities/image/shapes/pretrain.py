@@ -7,7 +7,8 @@ Stage 1 trains the KL autoencoder on rendered images (MSE + a small KL term), th
 encoders jointly with the rectified-flow loss ``|v(x_sigma, sigma) - (eps - x0)|^2`` on the frozen
 autoencoder's latents, sigma from a logit-normal, dropping 10% of captions (for CFG). Only training-split
 captions are used; held-out captions (``prompt_set(..., split="heldout")``) never are. Everything random
-is drawn from generators seeded by ``--seed``; with the same thread count the result is bit-identical.
+is drawn from generators seeded by ``--seed``; with the same thread count the result is bit-identical. The
+loops are shared with the video world (:mod:`modalities.pretrain_common`).
 """
 
 from __future__ import annotations
@@ -15,99 +16,61 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from diffusers import StableDiffusion3Pipeline
 
 from modalities.image.shapes.model import T5_TOKENS, WEIGHTS_DIR, build_shapes_pipeline
 from modalities.image.shapes.world import prompt_set, render_batch
+from modalities.pretrain_common import caption_batches, train_autoencoder, train_rectified_flow
 
 logger = logging.getLogger(__name__)
 
 
-def _batches(seed: int, batch: int, pool: int = 20000):
+def _batches(seed: int, batch: int) -> Iterator[tuple[list[str], torch.Tensor]]:
     """Endless ``(captions, images [B, 3, H, W] in [0, 1])`` batches of training-split prompts."""
-    specs = prompt_set(pool, seed, "train")
-    rng = random.Random(seed)
-    step = 0
-    while True:
-        chosen = [specs[rng.randrange(len(specs))] for _ in range(batch)]
-        yield [s.caption() for s in chosen], render_batch(chosen, seed=seed * 1_000_003 + step)
-        step += 1
+    return caption_batches(prompt_set, lambda specs, s: render_batch(specs, seed=s), seed, batch)
 
 
-def train_vae(pipe, steps: int, batch: int, lr: float, seed: int) -> dict[str, float]:
+def train_vae(pipe: StableDiffusion3Pipeline, steps: int, batch: int, lr: float, seed: int) -> dict[str, float]:
+    """Stage 1: the KL autoencoder, then its latent ``shift_factor`` / ``scaling_factor``."""
     vae = pipe.vae
-    vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    data = _batches(seed + 1, batch)
-    loss = torch.tensor(0.0)
-    for step in range(steps):
-        _, images = next(data)
-        x = images * 2 - 1
-        post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-        rec = vae.decode(z).sample
-        loss = F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 250 == 0 or step == steps - 1:
-            logger.info("vae step %d/%d loss %.5f", step, steps, loss.item())
-    vae.eval().requires_grad_(False)
+    loss = train_autoencoder(vae, (images * 2 - 1 for _, images in _batches(seed + 1, batch)), steps=steps, lr=lr,
+                             seed=seed)
     with torch.no_grad():
         _, images = next(_batches(seed + 2, 512))
         lat = vae.encode(images * 2 - 1).latent_dist.mode()
     shift, scale = float(lat.mean()), float(1.0 / lat.std())
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    return {"vae_loss": float(loss.detach()), "shift_factor": shift, "scaling_factor": scale}
+    return {"vae_loss": loss, "shift_factor": shift, "scaling_factor": scale}
 
 
-def train_flow(pipe, steps: int, batch: int, lr: float, seed: int, cfg_dropout: float = 0.1) -> dict[str, float]:
+def train_flow(pipe: StableDiffusion3Pipeline, steps: int, batch: int, lr: float, seed: int,
+               cfg_dropout: float = 0.1) -> dict[str, float]:
+    """Stage 2: the MMDiT and both CLIP encoders on the frozen autoencoder's latents ``[B, 4, 16, 16]``."""
     vae, tr = pipe.vae, pipe.transformer
-    modules = [tr, pipe.text_encoder, pipe.text_encoder_2]
-    params = [p for m in modules for p in m.parameters()]
-    for m in modules:
-        m.train().requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 200) * max(0.1, 1 - s / steps)
-    )
-    gen = torch.Generator().manual_seed(seed)
-    drop = random.Random(seed)
-    data = _batches(seed + 3, batch)
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
-    ema = 0.0
-    for step in range(steps):
-        captions, images = next(data)
-        captions = ["" if drop.random() < cfg_dropout else c for c in captions]
+
+    def latents(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            x0 = (vae.encode(images * 2 - 1).latent_dist.mode() - shift) * scale
+            return (vae.encode(images * 2 - 1).latent_dist.mode() - shift) * scale
+
+    def encode_text(captions: list[str]) -> dict[str, torch.Tensor]:
         pe, _, pooled, _ = pipe.encode_prompt(
             prompt=captions, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
             max_sequence_length=T5_TOKENS, device=torch.device("cpu"),
         )
-        sigma = torch.sigmoid(torch.randn(batch, generator=gen))  # logit-normal(0, 1)
-        eps = torch.randn(x0.shape, generator=gen)
-        s = sigma.view(-1, 1, 1, 1)
-        xt = (1 - s) * x0 + s * eps
-        v = tr(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=pe, pooled_projections=pooled,
-               return_dict=False)[0]
-        loss = F.mse_loss(v, eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema = loss.item() if step == 0 else 0.98 * ema + 0.02 * loss.item()
-        if step % 250 == 0 or step == steps - 1:
-            logger.info("flow step %d/%d loss %.4f (ema %.4f)", step, steps, loss.item(), ema)
-    for m in modules:
-        m.eval().requires_grad_(False)
+        return {"encoder_hidden_states": pe, "pooled_projections": pooled}
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return tr(hidden_states=x, timestep=t, return_dict=False, **cond)[0]
+
+    data = ((c, latents(images)) for c, images in _batches(seed + 3, batch))
+    ema = train_rectified_flow([tr, pipe.text_encoder, pipe.text_encoder_2], data, encode_text, velocity,
+                               steps=steps, lr=lr, seed=seed, cfg_dropout=cfg_dropout)
     return {"flow_loss_ema": ema}
 
 
