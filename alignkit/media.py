@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +111,31 @@ def save_samples(
     if samples.dim() == 3 and samples.is_floating_point():
         return save_grid(waveform_images(samples), captions, path, columns=2, cell=cell)
     return None
+
+
+def save_previews_with_files(
+    samples: torch.Tensor, captions: Sequence[str], path: Path, suffix: str,
+    write_one: Callable[[torch.Tensor, Path], Any],
+) -> Path:
+    """A picture of ``samples`` at ``path`` (:func:`save_samples`) plus one media file per sample beside it.
+
+    The folder ``path`` without its suffix gets ``000<suffix>``, ``001<suffix>``, ... written by
+    ``write_one(sample, file)`` and ``index.jsonl`` (one ``{"file", "caption"}`` row per sample; shorter
+    caption lists leave the rest blank). Used by adapters whose samples are more than a picture (mp4, wav).
+
+    Returns:
+        ``path``.
+    """
+    import json
+
+    path = Path(path)
+    save_samples(samples, captions, path)
+    folder = path.with_suffix("")
+    rows = []
+    for i, sample in enumerate(samples):
+        name = f"{i:03d}{suffix}"
+        write_one(sample, folder / name)
+        rows.append({"file": name, "caption": captions[i] if i < len(captions) else ""})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

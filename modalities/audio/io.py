@@ -13,7 +13,6 @@ inside the function, so importing this module does not need it (``pip install 'a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import wave
@@ -144,18 +143,10 @@ def save_previews(samples: Any, captions: Sequence[str], path: PathLike, sample_
     Returns:
         ``path``.
     """
-    from alignkit.media import save_samples
+    from alignkit.media import save_previews_with_files
 
     if not isinstance(samples, torch.Tensor) or samples.dim() != 3 or not samples.is_floating_point():
         got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
         raise ValueError(f"audio previews need float waveforms [B, C, T], got {got}")
-    path = Path(path)
-    save_samples(samples, captions, path)
-    folder = path.with_suffix("")
-    rows = []
-    for i, clip in enumerate(samples):
-        name = f"{i:03d}.wav"
-        write_wav(clip, folder / name, sample_rate)
-        rows.append({"file": name, "caption": captions[i] if i < len(captions) else ""})
-    (folder / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return save_previews_with_files(samples, captions, Path(path), ".wav",
+                                    lambda clip, file: write_wav(clip, file, sample_rate))

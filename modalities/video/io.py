@@ -12,7 +12,6 @@ Both libraries are imported lazily, so importing this module needs neither.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -155,22 +154,14 @@ def save_previews(videos: torch.Tensor, captions: Sequence[str], path: PathLike,
     Raises:
         ValueError: when ``videos`` is not a float ``[B, F, 3, H, W]`` tensor.
     """
-    from alignkit.media import save_samples
+    from alignkit.media import save_previews_with_files
 
     if not isinstance(videos, torch.Tensor) or videos.dim() != 5 or videos.shape[2] != 3 \
             or not videos.is_floating_point():
         got = tuple(videos.shape) if isinstance(videos, torch.Tensor) else type(videos).__name__
         raise ValueError(f"video previews need float clips [B, F, 3, H, W] in [0, 1], got {got}")
-    path = Path(path)
-    save_samples(videos, captions, path)
-    folder = path.with_suffix("")
-    rows = []
-    for i, clip in enumerate(videos):
-        name = f"{i:03d}.mp4"
-        write_mp4(clip, folder / name, fps)
-        rows.append({"file": name, "caption": captions[i] if i < len(captions) else ""})
-    (folder / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return save_previews_with_files(videos, captions, Path(path), ".mp4",
+                                    lambda clip, file: write_mp4(clip, file, fps))
 
 
 @runtime_checkable
