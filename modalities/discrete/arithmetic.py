@@ -19,6 +19,7 @@ from typing import Any
 
 from alignkit.config import PromptsConfig
 from alignkit.prompts import PromptSet
+from modalities import shipped_folder
 from modalities.image.shapes.prompts import split_prompt_sets
 
 CATEGORIES = ("add", "sub")
@@ -92,7 +93,4 @@ def shipped_weights() -> Path:
     Raises:
         FileNotFoundError: naming the pretraining command when the folder is missing.
     """
-    if not (WEIGHTS_DIR / "config.json").is_file():
-        raise FileNotFoundError(f"the arithmetic model is missing from {WEIGHTS_DIR}; rebuild it with "
-                                "`python -m modalities.discrete.pretrain`")
-    return WEIGHTS_DIR
+    return shipped_folder(WEIGHTS_DIR, "config.json", "arithmetic model", "python -m modalities.discrete.pretrain")

@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextModelWithProjection
 
+from modalities import shipped_folder
 from modalities.image.shapes.world import IMAGE_SIZE, VOCAB_WORDS
 from modalities.image.tiny import build_tiny_tokenizer, clip_text_config
 
@@ -67,9 +68,5 @@ def shipped_weights() -> Path:
     Raises:
         FileNotFoundError: naming the pretraining command when the folder is missing.
     """
-    if not (WEIGHTS_DIR / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"the shapes-world weights are missing from {WEIGHTS_DIR}; rebuild them with "
-            "`python -m modalities.image.shapes.pretrain`"
-        )
-    return WEIGHTS_DIR
+    return shipped_folder(WEIGHTS_DIR, "model_index.json", "shapes-world pipeline",
+                          "python -m modalities.image.shapes.pretrain")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
+from modalities import shipped_folder
 from modalities.image.tiny import build_tiny_tokenizer
 from modalities.video.shapes.world import IMAGE_SIZE, VOCAB_WORDS
 from modalities.video.tiny import tiny_umt5_encoder
@@ -89,9 +90,5 @@ def shipped_weights() -> Path:
     Raises:
         FileNotFoundError: naming the pretraining command when the folder is missing.
     """
-    if not (WEIGHTS_DIR / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"the moving-shapes video weights are missing from {WEIGHTS_DIR}; rebuild them with "
-            "`python -m modalities.video.shapes.pretrain`"
-        )
-    return WEIGHTS_DIR
+    return shipped_folder(WEIGHTS_DIR, "model_index.json", "moving-shapes video pipeline",
+                          "python -m modalities.video.shapes.pretrain")
