@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from alignkit.config import BackboneConfig, ConfigError
-from alignkit.flow import FlowMatchingSampler
+from alignkit.flow import FlowMatchingSampler, randn
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,15 @@ class DiffusersFlowSampler(FlowMatchingSampler):
     parameters (LoRA by default) are float32. The reference model for the KL term is the same
     transformer with its adapter disabled (or a frozen copy under full fine-tuning).
     """
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """Per-sample latent shape (without the batch dimension) of the initial noise."""
+        raise NotImplementedError(f"{type(self).__name__} must define latent_shape or override initial_state")
+
+    def initial_state(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """``[B, *latent_shape]`` float32 standard normal noise, row ``b`` drawn from ``generators[b]``."""
+        return randn((len(generators), *self.latent_shape), generators, self.device, torch.float32)
 
     pipeline_class: ClassVar[type]
     modality: ClassVar[str] = "image"

@@ -22,7 +22,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableAudio3DiTModel, Sta
 from diffusers.pipelines.stable_audio_3.pipeline_stable_audio_3 import logsnr_sigma_schedule
 
 from alignkit.config import BackboneConfig, ConfigError
-from alignkit.flow import randn
 from alignkit.types import Conditioning
 from modalities.diffusers_common import DiffusersFlowSampler, register_builtin
 
@@ -202,9 +201,6 @@ class StableAudio3Sampler(DiffusersFlowSampler):
             cond["negative_prompt_embeds"] = nemb.expand(len(prompts), -1, -1)
             cond["negative_attention_mask"] = nmask.expand(len(prompts), -1)
         return cond
-
-    def initial_state(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
-        return randn((len(generators), *self.latent_shape), generators, self.device, torch.float32)
 
     def velocity(self, state: torch.Tensor, step: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         x = state.to(self.dtype)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from alignkit.flow import randn
 from alignkit.types import Conditioning
 from modalities.diffusers_common import DiffusersFlowSampler, register_builtin
 
@@ -43,9 +41,6 @@ class SD3Sampler(DiffusersFlowSampler):
         if self.do_cfg:
             cond.update(negative_prompt_embeds=npe, negative_pooled=npooled)
         return cond
-
-    def initial_state(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
-        return randn((len(generators), *self.latent_shape), generators, self.device, torch.float32)
 
     def velocity(self, state: torch.Tensor, step: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         x = state.to(self.dtype)

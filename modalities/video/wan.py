@@ -12,7 +12,6 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
 from alignkit.config import BackboneConfig, ConfigError
-from alignkit.flow import randn
 from alignkit.types import Conditioning
 from modalities.diffusers_common import (
     SHIPPED,
@@ -190,9 +189,6 @@ class WanSampler(DiffusersFlowSampler):
                 self._negative = self._encode([self.cfg.negative_prompt])
             cond["negative_prompt_embeds"] = self._negative.expand(len(prompts), -1, -1)
         return cond
-
-    def initial_state(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
-        return randn((len(generators), *self.latent_shape), generators, self.device, torch.float32)
 
     def velocity(self, state: torch.Tensor, step: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         x = state.to(self.dtype)
