@@ -208,6 +208,9 @@ class TrainConfig:
     recipe gives the same updates on 1 or N processes. ``rollout_batch_size`` is per process (a memory
     setting). ``max_nonfinite_steps``: consecutive optimizer steps with a NaN / inf loss or gradient that
     are skipped (and counted) before the run stops. ``keep_checkpoints``: newest checkpoints kept.
+    ``sharding``: ``ddp`` (each process holds the whole model; gradients all-reduced) or ``fsdp`` (parameters,
+    gradients and optimizer state sharded over the processes, :mod:`alignkit.fsdp`; ``no`` or ``bf16``
+    mixed precision).
     """
 
     epochs: int = 100
@@ -223,6 +226,7 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
+    sharding: str = "ddp"
     ema: EmaConfig = field(default_factory=EmaConfig)
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
@@ -243,6 +247,12 @@ class TrainConfig:
             problems.append(f"{path}.adam_betas={self.adam_betas}: give two values in [0, 1), e.g. [0.9,0.999]")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             problems.append(f"{path}.mixed_precision={self.mixed_precision!r}: use no, bf16 or fp16")
+        if self.sharding not in ("ddp", "fsdp"):
+            problems.append(f"{path}.sharding={self.sharding!r}: use ddp (every process holds the whole model) or "
+                            "fsdp (parameters sharded over the processes)")
+        elif self.sharding == "fsdp" and self.mixed_precision == "fp16":
+            problems.append(f"{path}.mixed_precision=fp16 with {path}.sharding=fsdp: use bf16 (there is no sharded "
+                            f"loss scaler here) or {path}.sharding=ddp")
         if self.max_grad_norm <= 0:
             problems.append(f"{path}.max_grad_norm={self.max_grad_norm}: must be > 0")
         if self.max_nonfinite_steps < 0:

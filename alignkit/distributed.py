@@ -127,6 +127,14 @@ class Gathered:
         mine = (rows >= lo) & (rows < hi)  # [B]
         return rows[mine] - lo, rows[mine]
 
+    def stand_in(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(local [1], global [1])`` index of this process's first transition: a row to run with weight 0
+        when the process holds none of a minibatch (a sharded module needs every process's forward)."""
+        if not self.local_transitions:
+            raise DistributedError("train.sharding=fsdp: this process holds no transition to run; every process "
+                                   "must roll out some (check the exploration plan)")
+        return torch.tensor([0]), torch.tensor([self.transition_offset])
+
 
 def gather_rollout(shard: Shard, table: RewardTable, keys: SampleKeys, transitions: Transitions, *,
                    num_prompts: int, nfe: int) -> Gathered:

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 import torch
 
+from alignkit.fsdp import shard_like
+
 
 class EMA:
     """``shadow <- decay * shadow + (1 - decay) * param`` over a fixed list of parameters."""
@@ -42,4 +44,4 @@ class EMA:
         if len(state) != len(self.shadow):
             raise ValueError(f"EMA state has {len(state)} tensors, the model {len(self.shadow)} trainable ones")
         for i, s in enumerate(self.shadow):
-            s.copy_(state[f"ema.{i}"])
+            s.copy_(shard_like(state[f"ema.{i}"], s))  # full tensors from a checkpoint; shards under FSDP

@@ -124,6 +124,16 @@ class Sampler(ABC):
     def set_trainable_module(self, module: torch.nn.Module) -> None:
         """Use ``module`` (e.g. accelerate's wrapper of :meth:`trainable_module`) for forwards."""
 
+    def fsdp_units(self) -> list[torch.nn.Module]:
+        """Submodules of :meth:`trainable_module` sharded one by one under ``train.sharding=fsdp`` (each is
+        gathered only for its own forward and backward). Default: the blocks of its top-level
+        ``ModuleList`` s (:func:`alignkit.fsdp.default_units`). The sampler must reach these modules only
+        through the trainable module's ``forward``.
+        """
+        from alignkit.fsdp import default_units
+
+        return default_units(self.trainable_module())
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
         """Context in which :meth:`transition` uses the frozen reference model (adapter disabled)."""
@@ -135,8 +145,13 @@ class Sampler(ABC):
         self.trainable_module().train(mode)
 
     @abstractmethod
-    def save_trainable(self, directory: Path) -> None:
-        """Write the trainable weights as safetensors in the backbone's native loadable format."""
+    def save_trainable(self, directory: Path, params: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the trainable weights as safetensors in the backbone's native loadable format.
+
+        Args:
+            params: full values of the trainable parameters by their names in :meth:`trainable_module`
+                (gathered from all processes under ``train.sharding=fsdp``); None: the module's own tensors.
+        """
 
     @abstractmethod
     def load_trainable(self, directory: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -21,12 +23,14 @@ from alignkit.checkpoint import (
     optimizer_from_flat,
     optimizer_to_flat,
     save_checkpoint,
+    set_rng_state,
 )
 from alignkit.config import RunConfig, to_dict
 from alignkit.credit import CreditAssigner, build_credit
 from alignkit.distributed import Gathered, Shard, canonical_order, gather_rollout
 from alignkit.ema import EMA
 from alignkit.errors import CheckpointError, ModelLoadError, NonFiniteError, RewardError
+from alignkit.fsdp import full, gather_full, shard_module, shard_optimizer_state, trainable_state
 from alignkit.interfaces import Sampler
 from alignkit.metrics import MetricsWriter, read_metrics
 from alignkit.objective import grpo_objective
@@ -134,6 +138,9 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
         self.shard = Shard(self.accelerator.process_index, self.accelerator.num_processes)
+        self.fsdp = cfg.train.sharding == "fsdp" and self.shard.distributed
+        if cfg.train.sharding == "fsdp" and not self.shard.distributed:
+            logger.warning("train.sharding=fsdp with one process: nothing to shard, the model stays whole")
         self.shard.block(list(range(cfg.train.prompts_per_epoch)), "train.prompts_per_epoch")  # fail before loading
         self.device = self.accelerator.device
         # alignkit draws from generators seeded per (seed, epoch, ...); the global RNGs (torch, CUDA, Python,
@@ -152,8 +159,12 @@ class Trainer:
             raise ValueError("; ".join(problems))
         self.credit: CreditAssigner = build_credit(cfg.algo.credit)
         self.engine = RolloutEngine(self.sampler, batch_size=cfg.train.rollout_batch_size)
+        # the checkpoint to resume from is opened now: its trainable weights go in before sharding
+        self._resume_from = self._open_checkpoint(latest_checkpoint(self.out)) if cfg.train.resume else None
+        if self.fsdp:
+            shard_module(self.sampler.trainable_module(), self.sampler.fsdp_units(), cfg.train.mixed_precision)
 
-        params = self.sampler.trainable_parameters()
+        params = self.sampler.trainable_parameters()  # after sharding: the sharded parameters
         if not params:
             raise ValueError("the backbone has no trainable parameters: enable backbone.lora or full fine-tuning")
         t = cfg.train
@@ -165,7 +176,11 @@ class Trainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
         )
-        module, self.optimizer = self.accelerator.prepare(self.sampler.trainable_module(), self.optimizer)
+        if self.fsdp:  # sharded in place; accelerate would wrap it in DDP
+            self.optimizer = self.accelerator.prepare(self.optimizer)
+            module = self.sampler.trainable_module()
+        else:
+            module, self.optimizer = self.accelerator.prepare(self.sampler.trainable_module(), self.optimizer)
         self.sampler.set_trainable_module(module)
         self._module = module
         self.params = params
@@ -185,16 +200,24 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
-    def save(self) -> Path:
-        """Write a checkpoint of everything the next epoch depends on (call on the main process).
+    def save(self) -> Path | None:
+        """Write a checkpoint of everything the next epoch depends on. Call it on every process: sharded
+        state (``train.sharding=fsdp``) is gathered from all of them; the main process writes and returns
+        the folder (None elsewhere).
 
         Raises:
             CheckpointError: the write failed; earlier checkpoints are intact.
         """
-        opt_tensors, opt_meta = optimizer_to_flat(self.optimizer.state_dict())
-        tensors = dict(opt_tensors)
-        if self.ema is not None:
-            tensors.update(self.ema.state_dict())
+        opt_state = self.optimizer.state_dict()
+        ema = self.ema.state_dict() if self.ema is not None else {}
+        params = None
+        if self.fsdp:
+            opt_state, ema = gather_full(opt_state), gather_full(ema)
+            params = trainable_state(self.sampler.trainable_module())
+        if not self.is_main:
+            return None
+        opt_tensors, opt_meta = optimizer_to_flat(opt_state)
+        tensors = {**opt_tensors, **ema}
         s = self.state
         meta = {
             "epoch": s.epoch, "global_step": s.global_step, "nonfinite_skipped": s.nonfinite_skipped,
@@ -204,21 +227,19 @@ class Trainer:
                         "drawn": s.epoch * self.cfg.train.prompts_per_epoch},
             "world_size": self.shard.world_size, "config": to_dict(self.cfg),
         }
-        return save_checkpoint(self.out, s.global_step, write_trainable=self.sampler.save_trainable,
+        return save_checkpoint(self.out, s.global_step,
+                               write_trainable=functools.partial(self.sampler.save_trainable, params=params),
                                tensors=tensors, meta=meta, keep=self.cfg.train.keep_checkpoints)
 
-    def resume(self, path: Path | None = None) -> bool:
-        """Load ``path`` or the latest checkpoint in the output folder; False when there is none.
-
-        Restores the trainable weights, optimizer, LR scheduler, EMA, counters and global RNG states, and
-        drops rows of ``metrics.jsonl`` written after the checkpoint (epochs that will be trained again).
+    def _open_checkpoint(self, path: Path | None) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+        """Read checkpoint ``path`` and load its trainable weights into the sampler (before sharding or
+        wrapping); the rest is restored by :meth:`resume`. None when ``path`` is None.
 
         Raises:
             CheckpointError: the checkpoint cannot be read, or was written for other training prompts.
         """
-        path = path or latest_checkpoint(self.out)
         if path is None:
-            return False
+            return None
         tensors, meta = load_checkpoint(path)
         saved = meta.get("prompts", {}).get("fingerprint")
         if saved is not None and saved != prompt_fingerprint(self.train_prompts):
@@ -232,7 +253,24 @@ class Trainer:
         except Exception as exc:  # safetensors, peft and the adapter each raise their own types
             raise CheckpointError(f"checkpoint {path}: the trainable weights cannot be loaded ({exc}); delete the "
                                   "folder to resume from an older checkpoint") from exc
+        return path, tensors, meta
+
+    def resume(self) -> bool:
+        """Continue from the checkpoint opened when the trainer was built (the latest one in the output
+        folder, ``train.resume``); False when there is none.
+
+        Its trainable weights are already loaded; this restores the optimizer, LR scheduler, EMA, counters
+        and global RNG states, and drops rows of ``metrics.jsonl`` written after the checkpoint (epochs that
+        will be trained again).
+        """
+        if self._resume_from is None:
+            return False
+        path, tensors, meta = self._resume_from
+        self._resume_from = None
+        set_rng_state(tensors, meta)  # again: whatever was drawn since the checkpoint was opened is undone
         self.optimizer.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
+        if self.fsdp:
+            shard_optimizer_state(self.optimizer.optimizer)
         self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict({k: v for k, v in tensors.items() if k.startswith("ema.")})
@@ -261,13 +299,12 @@ class Trainer:
         return [r for r in kept if r.get("epoch", 0) >= 1 and "reward/score_mean" in r]
 
     def _checkpoint(self) -> None:
-        """Save on the main process; every process raises if the save failed."""
+        """Save (the main process writes); every process raises if the save failed."""
         failure = None
-        if self.is_main:
-            try:
-                self.save()
-            except CheckpointError as exc:
-                failure = str(exc)
+        try:
+            self.save()
+        except CheckpointError as exc:
+            failure = str(exc)
         failures = [f for f in self.shard.gather(failure) if f]
         if failures:
             raise CheckpointError(failures[0])
@@ -433,15 +470,22 @@ class Trainer:
         reason = ""
         for b, mb in enumerate(group):
             local, global_rows = layout.local_rows(mb)
-            if not len(local):
-                continue
             share = len(local) / len(mb)  # this process's fraction of the global minibatch
-            with self.accelerator.no_sync(self._module):  # summed explicitly in _reduce_gradients
+            if not len(local):
+                if not self.fsdp:
+                    continue
+                # every process runs every forward and backward of a sharded module: one of its own
+                # transitions stands in, with weight 0
+                local, global_rows = layout.stand_in()
+            with self._gradient_sync(last=b == len(group) - 1):
                 out = self._minibatch_loss(rollout, credit, local, global_rows)
-                if not bool(torch.isfinite(out.loss)):
+                if share and not bool(torch.isfinite(out.loss)):
                     reason = f"loss {float(out.loss.detach())} on process {self.shard.rank}"
-                    break
+                    if not self.fsdp:
+                        break
                 self.accelerator.backward(out.loss * (share / len(group)))
+            if not share:
+                continue
             values = [float(getattr(out, k).detach()) for k in self._STATS]
             stats[:-1] += torch.tensor(values, dtype=torch.float64) * share
             if first and b == 0:
@@ -449,7 +493,7 @@ class Trainer:
         reason = self._reduce_gradients(reason)
         norm = None
         if not reason:
-            norm = float(self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm))
+            norm = float(full(self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)))
             if not math.isfinite(norm):
                 reason = f"gradient norm {norm}"
         if reason:
@@ -466,11 +510,23 @@ class Trainer:
             self.ema.update()
         return stats, norm
 
+    def _gradient_sync(self, last: bool) -> Any:
+        """Context of one minibatch's backward. DDP: no synchronisation (summed in :meth:`_reduce_gradients`).
+        FSDP: gradients reduce-scattered (summed) at the last minibatch of the optimizer step only."""
+        if not self.fsdp:
+            return self.accelerator.no_sync(self._module)
+        self._module.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
     def _reduce_gradients(self, reason: str) -> str:
-        """Sum the gradients over processes (one collective, with a flag for a non-finite loss anywhere);
-        returns ``reason`` or, if another process saw a non-finite loss, a reason naming that."""
+        """Sum the gradients over processes (one collective, with a flag for a non-finite loss anywhere;
+        under FSDP the flag only, the gradients were reduce-scattered in the backward); returns ``reason``
+        or, if another process saw a non-finite loss, a reason naming that."""
         if not self.shard.distributed:
             return reason
+        if self.fsdp:
+            flag = self.shard.sum_(torch.tensor([1.0 if reason else 0.0]))
+            return reason or ("loss on another process" if float(flag[0]) > 0 else "")
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = torch.cat([g.detach().float().flatten() for g in grads]
                          + [torch.tensor([1.0 if reason else 0.0], device=grads[0].device)])
@@ -509,12 +565,14 @@ class Trainer:
             self.resume()
         bar = tqdm(total=cfg.train.epochs, initial=self.state.epoch, desc="alignkit", unit="epoch",
                    disable=not self.is_main, dynamic_ncols=True)
-        if cfg.eval.before_after and self.state.epoch == 0 and self.is_main:
+        evaluates = self.is_main or self.fsdp  # a sharded model samples on every process
+        if cfg.eval.before_after and self.state.epoch == 0 and evaluates:
             before = self.evaluate_heldout("eval_before")
-            self.metrics.write(0, {"epoch": 0.0, "global_step": 0.0, "rollout/nfe_total": 0.0,
-                                   "time/total_s": 0.0, **before})
-            bar.write("held-out before training: " + _fmt(before))
-            bar.set_postfix(heldout=f"{self._last_heldout:.3f}")
+            if self.is_main:
+                self.metrics.write(0, {"epoch": 0.0, "global_step": 0.0, "rollout/nfe_total": 0.0,
+                                       "time/total_s": 0.0, **before})
+                bar.write("held-out before training: " + _fmt(before))
+                bar.set_postfix(heldout=f"{self._last_heldout:.3f}")
         try:
             while self.state.epoch < cfg.train.epochs:
                 epoch = self.state.epoch
@@ -531,11 +589,11 @@ class Trainer:
                 self.state.seconds_total += t3 - t0
                 metrics = self._epoch_metrics(gathered, table, score, credit, stats, (t0, t1, t2, t3))
                 last = self.state.epoch == cfg.train.epochs
-                if self.is_main and ((cfg.eval.every and self.state.epoch % cfg.eval.every == 0)
-                                     or (last and cfg.eval.before_after)):
+                if evaluates and ((cfg.eval.every and self.state.epoch % cfg.eval.every == 0)
+                                  or (last and cfg.eval.before_after)):
                     after = self.evaluate_heldout("eval_after" if last else f"eval_{self.state.epoch:05d}")
                     metrics.update(after)
-                    if last:
+                    if last and self.is_main:
                         bar.write("held-out after training: " + _fmt(after))
                 if self.is_main:
                     if epoch % cfg.train.sample_every == 0 or self.state.epoch == cfg.train.epochs:
@@ -594,14 +652,17 @@ class Trainer:
     def evaluate_heldout(self, name: str) -> dict[str, float]:
         """Deterministic sampling of the evaluation prompts (EMA weights when enabled); a captioned grid.
 
-        Returns ``eval/<reward>`` means (NaN-masked) for the training and evaluation-only rewards.
+        Returns ``eval/<reward>`` means (NaN-masked) for the training and evaluation-only rewards. Under
+        FSDP every process samples (each forward gathers from all); the others return ``{}`` unscored.
         """
         e = self.cfg.eval
-        ctx = self.ema.swapped() if self.ema is not None else _nullcontext()
+        ctx = self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
         with ctx:
             rollout, table = evaluate(self.sampler, self.eval_reward_set, self.eval_prompts, seed=e.seed,
                                       seeds_per_prompt=e.seeds_per_prompt, batch_size=e.batch_size,
-                                      limit=e.num_prompts)
+                                      limit=e.num_prompts, score=self.is_main)
+        if table is None:
+            return {}
         out = {f"eval/{k}": float(torch.nanmean(v)) for k, v in table.raw.items()}
         first = next(iter(table.raw.values()))  # the first training reward
         self._last_heldout = float(torch.nanmean(first))
@@ -624,19 +685,12 @@ def _fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in metrics.items())
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def evaluate(
     sampler: Sampler, reward_set: RewardSet, prompts: PromptSet, *, seed: int, seeds_per_prompt: int,
-    batch_size: int, limit: int | None = None,
-) -> tuple[Rollout, RewardTable]:
-    """Deterministic (ODE / argmax) sampling of held-out prompts and their reward table."""
+    batch_size: int, limit: int | None = None, score: bool = True,
+) -> tuple[Rollout, RewardTable | None]:
+    """Deterministic (ODE / argmax) sampling of held-out prompts and their reward table (None unless
+    ``score``)."""
     from alignkit.plans import Deterministic
 
     n = len(prompts) if limit is None else min(limit, len(prompts))
@@ -644,5 +698,5 @@ def evaluate(
     request = RolloutRequest(prompts=prompts.prompts[:n], prompt_ids=list(range(n)), metadata=prompts.metadata[:n],
                              num_seeds=seeds_per_prompt, seed=seed, iteration=0)
     rollout = engine.run(request, Deterministic().schedule(sampler.num_steps, 0, torch.Generator()))
-    table = reward_set.score(rollout.samples, rollout.sample_prompts, rollout.sample_metadata)
+    table = reward_set.score(rollout.samples, rollout.sample_prompts, rollout.sample_metadata) if score else None
     return rollout, table

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from alignkit.config import BackboneConfig, ConfigError
 from alignkit.flow import FlowMatchingSampler, randn
+from alignkit.fsdp import module_state
 
 logger = logging.getLogger(__name__)
 
@@ -311,32 +312,37 @@ class DiffusersFlowSampler(FlowMatchingSampler):
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
-    def save_trainable(self, directory: Path) -> None:
+    def save_trainable(self, directory: Path, params: dict[str, torch.Tensor] | None = None) -> None:
         """LoRA: diffusers' ``save_lora_weights`` format (``pipe.load_lora_weights(directory)`` loads it).
 
         Pipelines without diffusers' LoRA loader (e.g. ``StableAudio3Pipeline``) get the same file, keys
         prefixed ``transformer.``, plus peft's ``adapter_config.json``: load it with
         :meth:`load_trainable`, or with peft (``inject_adapter_in_model`` + ``set_peft_model_state_dict``).
-        Full fine-tuning: the transformer via ``save_pretrained`` (safetensors).
+        Full fine-tuning: the transformer's ``save_pretrained`` layout (``config.json`` and one
+        ``diffusion_pytorch_model.safetensors`` in ``transformer/``; ``from_pretrained`` loads it).
         """
         directory.mkdir(parents=True, exist_ok=True)
         transformer = self.pipe.transformer
         if self.cfg.lora.enabled:
             from peft.utils import get_peft_model_state_dict
 
-            layers = get_peft_model_state_dict(transformer)
+            layers = get_peft_model_state_dict(transformer, state_dict=params)
             if hasattr(self.pipeline_class, "save_lora_weights"):
                 self.pipeline_class.save_lora_weights(
                     directory, transformer_lora_layers=layers, safe_serialization=True
                 )
             else:
-                from safetensors.torch import save_file
-
                 save_file({f"transformer.{k}": v.contiguous() for k, v in layers.items()},
                           str(directory / LORA_WEIGHTS_NAME))
                 transformer.peft_config["default"].save_pretrained(str(directory))
-        else:
+        elif params is None:
             transformer.save_pretrained(directory / "transformer", safe_serialization=True)
+        else:  # gathered from the shards: the same layout, written from the given tensors
+            target = directory / "transformer"
+            target.mkdir(parents=True, exist_ok=True)
+            transformer.save_config(target)
+            state = {k: v.contiguous() for k, v in module_state(transformer, params).items()}
+            save_file(state, str(target / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
 
     def load_trainable(self, directory: Path) -> None:
         transformer = self.pipe.transformer

@@ -51,6 +51,9 @@ CONFIG_CASES: list[tuple[str, str, list[str], list[str]]] = [
     ("mapping_given_a_scalar", RECIPE, ["++algo.credit=seed"], ["algo.credit", "expected a mapping"]),
     ("negative_learning_rate", RECIPE, ["train.learning_rate=-0.001"], ["train.learning_rate=-0.001", "> 0"]),
     ("group_size_1", RECIPE, ["algo.num_seeds=1"], ["algo.num_seeds=1", ">= 2 samples", "2 or more"]),
+    ("unknown_sharding", RECIPE, ["train.sharding=zero3"], ["train.sharding='zero3'", "ddp", "fsdp"]),
+    ("fsdp_with_fp16", RECIPE, ["train.sharding=fsdp", "train.mixed_precision=fp16"],
+     ["train.mixed_precision=fp16", "train.sharding=fsdp", "use bf16"]),
     ("rollout_batch_not_dividing_groups", RECIPE, ["train.rollout_batch_size=5"],
      ["train.rollout_batch_size=5", "16 samples", "prompts_per_epoch=4", "num_seeds=4", "pick a divisor"]),
     ("branch_step_outside_schedule", "sd3_tiny_tempflow_grpo",
@@ -305,9 +308,8 @@ def test_corrupt_checkpoint_weights_on_resume(tmp_path: Path) -> None:
     ckpt = latest_checkpoint(tmp_path)
     lora = ckpt / "trainable" / LORA_WEIGHTS_NAME
     lora.write_bytes(b"\x07" * lora.stat().st_size)  # same size: the manifest cannot tell
-    trainer = Trainer(load_run_config(RECIPE, _run_overrides(tmp_path, 2)), tensorboard=False)
-    with pytest.raises(CheckpointError) as info:
-        trainer.train()
+    with pytest.raises(CheckpointError) as info:  # when the trainer opens the checkpoint, before any work
+        Trainer(load_run_config(RECIPE, _run_overrides(tmp_path, 2)), tensorboard=False)
     msg = str(info.value)
     assert str(ckpt) in msg and "trainable weights cannot be loaded" in msg and "delete the folder" in msg
 

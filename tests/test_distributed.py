@@ -2,7 +2,9 @@
 batch: each process rolls out half of the prompts, rewards and keys are gathered before advantages (global
 std, seed groups, noise-aware weights over all transitions), and the gradient summed over processes equals
 the one-process gradient of every global minibatch (uneven shares, gradient accumulation, a random subset of
-steps per sample)."""
+steps per sample). Under ``train.sharding=fsdp`` (parameters, gradients and optimizer state sharded over
+the two processes) the update is the same, and a sharded run stopped and resumed from its checkpoint ends
+bit-identical to an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -37,14 +39,23 @@ RUNS = {
     # branch at steps 0..2 with 2 children: 48 one-transition samples, seed groups, noise-aware weights
     "tempflow_grpo": ("sd3_tiny_tempflow_grpo", ["train.rollout_batch_size=8", "train.train_batch_size=10",
                                                  "algo.plan.options.children=2", "train.inner_epochs=2"]),
+    # sharded: minibatches of 2 rows, so a process often holds none of one (and runs a stand-in of weight 0);
+    # held-out evaluation (EMA weights swapped in) samples on both processes every epoch; LoRA also on the
+    # root module's own layer (proj_out, outside the sharded blocks); the one-process reference runs unsharded
+    "flow_grpo_fsdp": ("sd3_tiny_flow_grpo", ["train.sharding=fsdp", "train.rollout_batch_size=4",
+                                              "train.train_batch_size=2", "train.gradient_accumulation_steps=2",
+                                              "eval.before_after=true", "eval.every=1", "eval.num_prompts=2",
+                                              "backbone.lora.target_modules=[to_q,to_k,to_v,to_out.0,proj_out]"]),
 }
+RESUMED = "flow_grpo_fsdp"  # also trained by the pair as 1 epoch, then resumed for the second
 COMPARED = ("reward/score_mean", "reward/bright_std", "rollout/samples", "rollout/transitions",
             "rollout/nfe", "train/loss", "train/kl", "train/grad_norm", "train/clip_fraction", "train/minibatches",
             "credit/zero_std_fraction", "global_step")
 
 
-def _overrides(name: str, out: Path) -> list[str]:
-    return [f"output_dir={out / name}", *COMMON, *RUNS[name][1]]
+def _overrides(name: str, out: Path, epochs: int = 2, folder: str | None = None) -> list[str]:
+    common = [o for o in COMMON if not o.startswith("train.epochs=")]
+    return [f"output_dir={out / (folder or name)}", f"train.epochs={epochs}", *common, *RUNS[name][1]]
 
 
 def _final(out: Path) -> dict[str, torch.Tensor]:
@@ -56,11 +67,13 @@ def _final(out: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def test_two_processes_match_one(tmp_path: Path) -> None:
+def test_two_processes_match_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate is not None, "accelerate's launcher is not installed next to this Python"
     two = tmp_path / "two"
     runs = [{"recipe": RUNS[n][0], "overrides": _overrides(n, two)} for n in RUNS]
+    runs += [{"recipe": RUNS[RESUMED][0], "overrides": _overrides(RESUMED, two, epochs, folder="resumed")}
+             for epochs in (1, 2)]
     here = Path(__file__).resolve().parent
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(here.parent), str(here)]))
     # accelerate's --cpu flag runs a single process (multi-CPU there means MPI); its torchrun-based launcher
@@ -78,7 +91,8 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     assert "process 1 of 2: rolls out 2 of the 4 prompts per epoch" in log, log[-3000:]
 
     for name in RUNS:
-        rows1, rows2 = read_metrics(one / name / "metrics.jsonl"), read_metrics(two / name / "metrics.jsonl")
+        rows1, rows2 = ([r for r in read_metrics(out / name / "metrics.jsonl") if r["epoch"] >= 1]  # not eval_before
+                        for out in (one, two))
         assert [r["run/processes"] for r in rows2] == [2.0, 2.0] and rows1[0]["run/processes"] == 1.0
         for r1, r2 in zip(rows1, rows2, strict=True):
             for key in COMPARED:  # gathered rewards, global counts, summed gradients (grad_norm is pre-clip)
@@ -91,3 +105,12 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
         worst = max((float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)), k) for k in a)
         assert worst[0] <= 1e-4, (name, worst)
         assert moved > 1e-3, (name, moved)
+
+    assert "nothing to shard" in caplog.text, "the one-process fsdp reference should say it runs whole"
+    rows = read_metrics(two / RESUMED / "metrics.jsonl")
+    assert rows[0]["epoch"] == 0 and "eval/bright" in rows[0] and "eval/bright" in rows[-1]
+    resumed, straight = _final(two / "resumed"), _final(two / RESUMED)
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight), "a resumed sharded run differs"
+    # the second launch resumed (a fresh start would have appended epochs 0, 1 and 2 again)
+    assert [r["epoch"] for r in read_metrics(two / "resumed" / "metrics.jsonl")] == [0, 1, 2]

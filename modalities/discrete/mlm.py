@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alignkit.config import BackboneConfig, ConfigError
+from alignkit.fsdp import module_state
 from alignkit.types import Conditioning
 from modalities.diffusers_common import DTYPES, looks_like_hub_id, register_builtin, resolve_pretrained
 from modalities.discrete.masked import SCALES, SCHEDULES, MaskedDiffusionSampler
@@ -274,18 +275,20 @@ class MaskedLMSampler(MaskedDiffusionSampler):
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
-    def save_trainable(self, directory: Path) -> None:
+    def save_trainable(self, directory: Path, params: dict[str, torch.Tensor] | None = None) -> None:
         """LoRA: peft's adapter layout (``adapter_config.json`` + ``adapter_model.safetensors``; ``PeftModel.
         from_pretrained(base, directory)`` loads it). Full fine-tuning: ``save_pretrained`` of model and tokenizer."""
         directory.mkdir(parents=True, exist_ok=True)
         if self.cfg.lora.enabled:
             from peft.utils import get_peft_model_state_dict
 
-            state = {PEFT_PREFIX + k: v.detach().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
+            layers = get_peft_model_state_dict(self.model, state_dict=params)
+            state = {PEFT_PREFIX + k: v.detach().contiguous() for k, v in layers.items()}
             save_file(state, str(directory / ADAPTER_WEIGHTS_NAME))
             self.model.peft_config["default"].save_pretrained(str(directory))
         else:
-            self.model.save_pretrained(directory / "model", safe_serialization=True)
+            state = None if params is None else module_state(self.model, params)
+            self.model.save_pretrained(directory / "model", safe_serialization=True, state_dict=state)
             self.tokenizer.save_pretrained(directory / "model")
 
     def load_trainable(self, directory: Path) -> None:
