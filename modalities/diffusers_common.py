@@ -72,15 +72,37 @@ def resolve_pretrained(pretrained: str) -> str:
     if name in SHIPPED:  # shipped weights: a pipeline folder inside the package
         return str(BUILTIN_PIPELINES[name]())
     folder = builtin_cache_dir() / name
+    if (folder / "model_index.json").exists():
+        return str(folder)
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        _build_builtin(name, folder)
+        return str(folder)
+    # transformers writes a model's files on rank 0 only when a process group exists: rank 0 builds, the
+    # others wait for it (and the barrier is reached even when the build fails)
+    try:
+        if dist.get_rank() == 0:
+            _build_builtin(name, folder)
+    finally:
+        dist.barrier()
     if not (folder / "model_index.json").exists():
-        logger.info("building %s into %s", pretrained, folder)
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        BUILTIN_PIPELINES[name]().save_pretrained(tmp, safe_serialization=True)
-        if folder.exists():  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.rename(folder)
+        raise FileNotFoundError(
+            f"backbone.pretrained={pretrained!r}: process 0 did not build {folder} (see its log), or this machine "
+            "does not share that folder; build it once in one process (alignkit train with this recipe) first"
+        )
     return str(folder)
+
+
+def _build_builtin(name: str, folder: Path) -> None:
+    """Build builtin pipeline ``name`` into a private temporary folder and rename it to ``folder``."""
+    logger.info("building builtin:%s into %s", name, folder)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    BUILTIN_PIPELINES[name]().save_pretrained(tmp, safe_serialization=True)
+    if folder.exists():  # another launch finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(folder)
 
 
 def looks_like_hub_id(source: str) -> bool:

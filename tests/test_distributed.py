@@ -74,8 +74,15 @@ def test_two_processes_match_one(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     runs = [{"recipe": RUNS[n][0], "overrides": _overrides(n, two)} for n in RUNS]
     runs += [{"recipe": RUNS[RESUMED][0], "overrides": _overrides(RESUMED, two, epochs, folder="resumed")}
              for epochs in (1, 2)]
+    # the first epoch under DDP, resumed under FSDP: checkpoints hold full tensors whatever the mode
+    runs += [{"recipe": RUNS[RESUMED][0], "overrides": [*_overrides(RESUMED, two, epochs, folder="crossed"),
+                                                         f"train.sharding={mode}"]}
+             for epochs, mode in ((1, "ddp"), (2, "fsdp"))]
     here = Path(__file__).resolve().parent
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(here.parent), str(here)]))
+    # a cache of its own: both processes need the tiny pipeline built (transformers writes model files on rank
+    # 0 only once a process group exists, so rank 0 must build it for both)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(here.parent), str(here)]),
+               ALIGNKIT_CACHE=str(tmp_path / "cache"))
     # accelerate's --cpu flag runs a single process (multi-CPU there means MPI); its torchrun-based launcher
     # (--multi_gpu) starts the two processes, and device=cpu makes them a gloo group (MULTI_CPU)
     proc = subprocess.Popen(
@@ -89,6 +96,8 @@ def test_two_processes_match_one(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     log = proc.communicate(timeout=600)[0].decode()
     assert proc.returncode == 0, log[-5000:]
     assert "process 1 of 2: rolls out 2 of the 4 prompts per epoch" in log, log[-3000:]
+    built = tmp_path / "cache" / "tiny-sd3"
+    assert list((built / "text_encoder").glob("*.safetensors")) and not list(built.parent.glob("*.tmp*"))
 
     for name in RUNS:
         rows1, rows2 = ([r for r in read_metrics(out / name / "metrics.jsonl") if r["epoch"] >= 1]  # not eval_before
@@ -114,3 +123,7 @@ def test_two_processes_match_one(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     assert all(torch.equal(resumed[k], straight[k]) for k in straight), "a resumed sharded run differs"
     # the second launch resumed (a fresh start would have appended epochs 0, 1 and 2 again)
     assert [r["epoch"] for r in read_metrics(two / "resumed" / "metrics.jsonl")] == [0, 1, 2]
+    crossed = _final(two / "crossed")
+    assert [r["epoch"] for r in read_metrics(two / "crossed" / "metrics.jsonl")] == [0, 1, 2]
+    worst = max(float((crossed[k] - straight[k]).norm() / straight[k].norm().clamp_min(1e-12)) for k in straight)
+    assert worst <= 1e-4, worst  # DDP and FSDP sum the gradients in other orders
