@@ -25,7 +25,7 @@ from alignkit.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from alignkit.config import RunConfig, to_dict
+from alignkit.config import ConfigError, RunConfig, to_dict
 from alignkit.credit import CreditAssigner, build_credit
 from alignkit.distributed import Gathered, Shard, canonical_order, gather_rollout
 from alignkit.ema import EMA
@@ -86,6 +86,8 @@ class TrainState:
             from a generator seeded by ``(seed, e)``).
         global_step: optimizer steps taken.
         nonfinite_skipped: optimizer steps skipped because a loss or the gradient was NaN / inf.
+        scale_overflows: fp16 steps skipped by the loss scaler (gradients overflowed; it lowered its scale);
+            not counted as non-finite.
         consecutive_nonfinite: skipped steps since the last good one (``train.max_nonfinite_steps`` bounds it).
         nfe_total: model evaluations of all processes so far.
         seconds_total: training wall time so far (rollout to update; evaluation excluded).
@@ -95,6 +97,7 @@ class TrainState:
     epoch: int = 0
     global_step: int = 0
     nonfinite_skipped: int = 0
+    scale_overflows: int = 0
     consecutive_nonfinite: int = 0
     nfe_total: int = 0
     seconds_total: float = 0.0
@@ -132,6 +135,10 @@ class Trainer:
 
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
+        if cfg.train.mixed_precision == "fp16" and resolve_device(cfg.device).type == "cpu":
+            # accelerate would run such a run in float32 without a word
+            raise ConfigError([f"train.mixed_precision=fp16 on device={cfg.device!r} (CPU): fp16 autocast and loss "
+                               "scaling need a GPU; use train.mixed_precision=bf16 or no on CPU"])
         self.accelerator = Accelerator(
             mixed_precision=cfg.train.mixed_precision, cpu=resolve_device(cfg.device).type == "cpu",
             # gradients are summed explicitly (see _reduce_gradients); the model's buffers are constants
@@ -221,6 +228,8 @@ class Trainer:
         s = self.state
         meta = {
             "epoch": s.epoch, "global_step": s.global_step, "nonfinite_skipped": s.nonfinite_skipped,
+            "scale_overflows": s.scale_overflows,
+            "grad_scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
             "consecutive_nonfinite": s.consecutive_nonfinite, "nfe_total": s.nfe_total,
             "seconds_total": s.seconds_total, "optimizer": opt_meta, "lr_scheduler": self.lr_scheduler.state_dict(),
             "prompts": {"fingerprint": prompt_fingerprint(self.train_prompts), "count": len(self.train_prompts),
@@ -277,6 +286,9 @@ class Trainer:
         self.state.epoch = meta["epoch"]
         self.state.global_step = meta["global_step"]
         self.state.nonfinite_skipped = meta.get("nonfinite_skipped", 0)
+        self.state.scale_overflows = meta.get("scale_overflows", 0)
+        if self.accelerator.scaler is not None and meta.get("grad_scaler"):
+            self.accelerator.scaler.load_state_dict(meta["grad_scaler"])
         self.state.consecutive_nonfinite = meta.get("consecutive_nonfinite", 0)
         self.state.nfe_total = meta.get("nfe_total", 0)
         self.state.seconds_total = meta.get("seconds_total", 0.0)
@@ -495,6 +507,9 @@ class Trainer:
         if not reason:
             norm = float(full(self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)))
             if not math.isfinite(norm):
+                if self.accelerator.scaler is not None:
+                    self._scale_overflow(norm)
+                    return stats, None
                 reason = f"gradient norm {norm}"
         if reason:
             self.optimizer.zero_grad(set_to_none=True)
@@ -539,6 +554,16 @@ class Trainer:
             p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
             offset += n
         return ""
+
+    def _scale_overflow(self, norm: float) -> None:
+        """fp16: the scaled gradients overflowed (the loss was finite). The scaler's step skips the update and
+        lowers its scale, as loss scaling intends; counted apart from non-finite steps."""
+        scaler = self.accelerator.scaler
+        self.optimizer.step()  # GradScaler.step sees the inf found while unscaling: no update; update() backs off
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.scale_overflows += 1
+        logger.info("fp16 gradients overflowed (norm %s): step skipped, loss scale lowered to %g", norm,
+                    scaler.get_scale())
 
     def _count_nonfinite(self, reason: str) -> None:
         s = self.state
@@ -644,6 +669,7 @@ class Trainer:
         m["rollout/samples"] = float(len(gathered.keys))
         m["rollout/transitions"] = float(len(gathered.transitions))
         m["train/nonfinite_skipped"] = float(self.state.nonfinite_skipped)
+        m["train/scale_overflows"] = float(self.state.scale_overflows)
         m["run/processes"] = float(self.shard.world_size)
         m["time/rollout_s"], m["time/reward_s"], m["time/train_s"] = t1 - t0, t2 - t1, t3 - t2
         m.update(stats)

@@ -124,3 +124,48 @@ def test_cli_reports_persistent_nan_without_traceback(tmp_path: Path, monkeypatc
     assert "no checkpoint had been written yet" in caplog.text
     assert "Traceback" not in caplog.text
     assert latest_checkpoint(tmp_path) is None
+
+
+def test_fp16_overflow_is_left_to_the_loss_scaler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a loss scaler (fp16 on a GPU), gradients that overflow while the loss is finite are the scaler's
+    business: the step is skipped, the scale halves, training goes on, and nothing counts as non-finite.
+
+    accelerate creates a scaler only on a GPU; here a real ``torch.amp.GradScaler`` on CPU is installed in
+    the accelerator and its optimizer wrapper the way accelerate does on a GPU.
+    """
+    from accelerate.optimizer import patch_optimizer_step
+
+    trainer = Trainer(load_run_config("sd3_tiny_flow_grpo", _overrides(tmp_path, 1)), tensorboard=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    acc, opt = trainer.accelerator, trainer.optimizer
+    monkeypatch.setattr(acc, "scaler", scaler)
+    monkeypatch.setattr(acc, "unscale_gradients", lambda optimizer=None: scaler.unscale_(opt.optimizer))
+    opt.scaler = scaler
+    opt._accelerate_step_called = False
+    opt._optimizer_original_step_method = opt.optimizer.step
+    opt._optimizer_patched_step_method = patch_optimizer_step(opt, opt.optimizer.step)
+    calls = {"n": 0}
+
+    def overflow(grad: torch.Tensor) -> torch.Tensor:  # the 2nd optimizer step's scaled gradient overflows
+        calls["n"] += 1
+        return grad * math.inf if calls["n"] == 2 else grad
+
+    trainer.params[0].register_hook(overflow)
+    state = trainer.train()
+    assert calls["n"] == STEPS_PER_EPOCH
+    assert state.scale_overflows == 1 and state.nonfinite_skipped == 0
+    assert state.global_step == STEPS_PER_EPOCH - 1
+    assert scaler.get_scale() == 2.0 ** 9  # backed off once (growth needs 2000 good steps)
+    assert all(torch.isfinite(p).all() for p in trainer.params)
+    row = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    assert row["train/scale_overflows"] == 1.0 and row["train/skipped_steps"] == 1.0
+    meta = load_checkpoint(latest_checkpoint(tmp_path))[1]
+    assert meta["scale_overflows"] == 1 and meta["grad_scaler"]["scale"] == 2.0 ** 9
+
+
+def test_fp16_on_cpu_is_refused(tmp_path: Path) -> None:
+    from alignkit.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        Trainer(load_run_config("sd3_tiny_flow_grpo", [*_overrides(tmp_path, 1), "train.mixed_precision=fp16"]))
+    assert "train.mixed_precision=fp16" in str(info.value) and "use train.mixed_precision=bf16" in str(info.value)
