@@ -6,13 +6,12 @@ prompt encoding, the guided velocity, initial noise and decoding.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from alignkit.config import BackboneConfig, ConfigError
 from alignkit.flow import FlowMatchingSampler, randn
 from alignkit.fsdp import module_state
+from modalities.policy import PolicyModule, float_trainable, inject_peft_lora
 
 logger = logging.getLogger(__name__)
 
@@ -146,35 +146,16 @@ def add_lora(module: torch.nn.Module, config: Any) -> None:
     """Add the peft LoRA adapter ``config`` (named ``default``) to ``module``.
 
     diffusers models with its ``PeftAdapterMixin`` (SD3, FLUX, Wan) use ``add_adapter``; models without it
-    (``StableAudio3DiTModel``) get the same injection through peft's ``inject_adapter_in_model``, which
-    also records ``module.peft_config`` so peft's state-dict helpers work on both.
+    (``StableAudio3DiTModel``) get the same injection through peft (:func:`modalities.policy.inject_peft_lora`),
+    so peft's state-dict helpers work on both.
     """
     if callable(getattr(module, "add_adapter", None)):
         module.add_adapter(config)
         return
-    from peft import inject_adapter_in_model
-
-    inject_adapter_in_model(config, module)
+    inject_peft_lora(module, config)
 
 
-def set_lora_enabled(module: torch.nn.Module, enabled: bool) -> None:
-    """Switch every LoRA layer of ``module`` on or off (off: the base model, the KL reference).
-
-    Uses diffusers' ``enable_adapters`` / ``disable_adapters`` where the model has them, else the same loop
-    over peft's tuner layers that they run.
-    """
-    method = getattr(module, "enable_adapters" if enabled else "disable_adapters", None)
-    if callable(method):
-        method()
-        return
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for layer in module.modules():
-        if isinstance(layer, BaseTunerLayer):
-            layer.enable_adapters(enabled)
-
-
-class DiffusersFlowSampler(FlowMatchingSampler):
+class DiffusersFlowSampler(PolicyModule, FlowMatchingSampler):
     """A flow-matching diffusers pipeline whose ``transformer`` is the policy.
 
     Frozen parts (text encoders, VAE, base transformer weights) stay in ``cfg.dtype``; trainable
@@ -209,36 +190,9 @@ class DiffusersFlowSampler(FlowMatchingSampler):
             if module is not None:
                 module.requires_grad_(False).eval()
         self._configure_vae(getattr(pipe, "vae", None))
-        transformer: torch.nn.Module = pipe.transformer
-        self._reference_copy: torch.nn.Module | None = None
-        if cfg.lora.enabled:
-            from peft import LoraConfig
-
-            transformer.requires_grad_(False)
-            lora = LoraConfig(
-                r=cfg.lora.rank,
-                lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout,
-                init_lora_weights="gaussian",
-                target_modules=list(cfg.lora.target_modules),
-            )
-            try:
-                add_lora(transformer, lora)
-            except ValueError as exc:
-                raise ValueError(self._lora_target_message(transformer) + f" (peft: {exc})") from exc
-            if not any("lora_" in name for name, _ in transformer.named_parameters()):
-                raise ValueError(self._lora_target_message(transformer))
-        else:
-            self._reference_copy = copy.deepcopy(transformer).requires_grad_(False).eval()
-            transformer.requires_grad_(True)
-        for p in transformer.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        self._init_policy(pipe.transformer, cfg.lora, inject=add_lora)
         if cfg.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        transformer.eval()
-        self._module: torch.nn.Module = transformer
-        self._use_reference = False
+            pipe.transformer.enable_gradient_checkpointing()
         self._sigmas, self._timesteps = self._build_schedule()
 
     # --- construction -------------------------------------------------------------------------------
@@ -264,15 +218,6 @@ class DiffusersFlowSampler(FlowMatchingSampler):
                     f"backbone.{key}=true: the VAE ({type(vae).__name__}) has no {method}(); set backbone.{key}=false"
                 )
             getattr(vae, method)()
-
-    def _lora_target_message(self, transformer: torch.nn.Module) -> str:
-        linear = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
-        )
-        return (
-            f"backbone.lora.target_modules={list(self.cfg.lora.target_modules)} matched no layer of "
-            f"{type(transformer).__name__}; its Linear layer names include: {', '.join(linear[:20])}"
-        )
 
     def _build_schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sigmas [N + 1], timesteps [N])`` exactly as the pipeline computes them."""
@@ -300,37 +245,8 @@ class DiffusersFlowSampler(FlowMatchingSampler):
 
     @property
     def transformer(self) -> torch.nn.Module:
-        """The module used for forwards: the reference when inside :meth:`reference`."""
-        if self._use_reference and self._reference_copy is not None:
-            return self._reference_copy
-        return self._module
-
-    def trainable_module(self) -> torch.nn.Module:
-        return self.pipe.transformer
-
-    def set_trainable_module(self, module: torch.nn.Module) -> None:
-        self._module = module
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.pipe.transformer.parameters() if p.requires_grad]
-
-    def train(self, mode: bool = True) -> None:
-        self._module.train(mode)
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        if self._reference_copy is not None:
-            self._use_reference = True
-            try:
-                yield
-            finally:
-                self._use_reference = False
-            return
-        set_lora_enabled(self.pipe.transformer, False)
-        try:
-            yield
-        finally:
-            set_lora_enabled(self.pipe.transformer, True)
+        """The transformer forwards use (:attr:`modalities.policy.PolicyModule.policy`)."""
+        return self.policy
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
@@ -385,9 +301,7 @@ class DiffusersFlowSampler(FlowMatchingSampler):
             if len(files) != 1:
                 raise FileNotFoundError(f"expected one safetensors file in {directory / 'transformer'}, got {files}")
             load_model(transformer, files[0], strict=True)
-        for p in transformer.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        float_trainable(transformer)
 
     # --- helpers for subclasses -----------------------------------------------------------------------
 

@@ -19,10 +19,7 @@ with LoRA disabled, the whole model; the reference model for the KL term is the 
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,6 +31,7 @@ from alignkit.fsdp import module_state
 from alignkit.types import Conditioning
 from modalities.diffusers_common import DTYPES, looks_like_hub_id, register_builtin, resolve_pretrained
 from modalities.discrete.masked import SCALES, SCHEDULES, MaskedDiffusionSampler
+from modalities.policy import PolicyModule, float_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +96,7 @@ def encode_targets(tokenizer: Any, texts: list[str], length: int, *, end_id: int
     return out
 
 
-class MaskedLMSampler(MaskedDiffusionSampler):
+class MaskedLMSampler(PolicyModule, MaskedDiffusionSampler):
     """A masked LM as a masked-diffusion policy over ``G`` generated tokens; samples decode to text.
 
     Conditioning (``P`` prompts): ``prompt_ids`` ``[P, Lp]`` long (left-padded) and ``prompt_mask``
@@ -137,28 +135,8 @@ class MaskedLMSampler(MaskedDiffusionSampler):
                 f"exceeds the model's max_position_embeddings={limit}; shorten one of them"
             )
         model.to(self._device)
-        self._reference_copy: torch.nn.Module | None = None
-        if cfg.lora.enabled:
-            from peft import LoraConfig, inject_adapter_in_model
-
-            model.requires_grad_(False)
-            lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                              init_lora_weights="gaussian", target_modules=list(cfg.lora.target_modules))
-            try:
-                inject_adapter_in_model(lora, model, adapter_name="default")
-            except ValueError as exc:
-                raise ValueError(self._lora_target_message(model) + f" (peft: {exc})") from exc
-            model.peft_config = {"default": lora}  # what peft's state-dict helpers read, as diffusers' add_adapter sets
-        else:
-            self._reference_copy = copy.deepcopy(model).requires_grad_(False).eval()
-            model.requires_grad_(True)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-        model.eval()
+        self._init_policy(model, cfg.lora)
         self.model = model
-        self._module: torch.nn.Module = model
-        self._use_reference = False
 
     def forbidden_ids(self, tokenizer: Any, options: dict[str, Any]) -> list[int]:
         """Token ids a generated position may never take: every special token but the end token."""
@@ -208,11 +186,6 @@ class MaskedLMSampler(MaskedDiffusionSampler):
         """Valid ``backbone.options`` keys with their defaults."""
         return dict(OPTIONS)
 
-    def _lora_target_message(self, model: torch.nn.Module) -> str:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        return (f"backbone.lora.target_modules={list(self.cfg.lora.target_modules)} matched no layer of "
-                f"{type(model).__name__}; its Linear layer names include: {', '.join(linear[:20])}")
-
     # --- Sampler interface ----------------------------------------------------------------------------
 
     @property
@@ -224,7 +197,7 @@ class MaskedLMSampler(MaskedDiffusionSampler):
         return {"prompt_ids": ids.to(self._device), "prompt_mask": mask.to(self._device)}
 
     def logits(self, state: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        model = self._reference_copy if self._use_reference and self._reference_copy is not None else self._module
+        model = self.policy
         ids = torch.cat([cond["prompt_ids"].to(self._device), state], dim=1)  # [B, Lp + G]
         mask = torch.cat([cond["prompt_mask"].to(self._device), torch.ones_like(state)], dim=1)
         out = model(input_ids=ids, attention_mask=mask)
@@ -238,40 +211,6 @@ class MaskedLMSampler(MaskedDiffusionSampler):
                 row = row[: row.index(self.end_id)]
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
         return texts
-
-    def trainable_module(self) -> torch.nn.Module:
-        return self.model
-
-    def set_trainable_module(self, module: torch.nn.Module) -> None:
-        self._module = module
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def train(self, mode: bool = True) -> None:
-        self._module.train(mode)
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        if self._reference_copy is not None:
-            self._use_reference = True
-            try:
-                yield
-            finally:
-                self._use_reference = False
-            return
-        self._enable_adapters(False)
-        try:
-            yield
-        finally:
-            self._enable_adapters(True)
-
-    def _enable_adapters(self, enabled: bool) -> None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for module in self.model.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.enable_adapters(enabled)
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
@@ -314,9 +253,7 @@ class MaskedLMSampler(MaskedDiffusionSampler):
             if unexpected or untied:
                 raise ValueError(f"{files[0]} does not match the model: unexpected keys {unexpected[:3]}, "
                                  f"missing {untied[:3]}")
-        for p in self.model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        float_trainable(self.model)
 
 
 @register_builtin("arithmetic", shipped=True)
