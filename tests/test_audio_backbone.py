@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file
+from weight_checks import WeightWatch, plain_lora_name
 
 from alignkit.checkpoint import latest_checkpoint
 from alignkit.config import BackboneConfig, ConfigError, LoraConfig
@@ -277,11 +277,6 @@ def test_settings_the_checkpoint_cannot_sample_fail_when_it_loads(sa3_folder: Pa
 # -- training ------------------------------------------------------------------------------------------------
 
 
-def _plain(name: str) -> str:
-    """Parameter name without peft's adapter-name segment (``default``)."""
-    return re.sub(r"\.default(_\d+)?\.", ".", name)
-
-
 @pytest.mark.integration
 def test_stable_audio_tiny_tempflow_grpo_trains(tmp_path: Path) -> None:
     from alignkit.recipes import load_run_config
@@ -294,19 +289,10 @@ def test_stable_audio_tiny_tempflow_grpo_trains(tmp_path: Path) -> None:
         "train.checkpoint_every=2", "train.sample_every=1",
     ])
     trainer = Trainer(cfg, tensorboard=False)
-    pipe = trainer.sampler.pipe
-    components = ("transformer", "vae", "text_encoder", "duration_embedder")
-    lora0 = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters() if "lora_" in n}
-    frozen0 = {f"{c}.{n}": p.detach().clone() for c in components
-               for n, p in getattr(pipe, c).named_parameters() if "lora_" not in n}
-    assert lora0 and frozen0
+    watch = WeightWatch(trainer.sampler.pipe, ("transformer", "vae", "text_encoder", "duration_embedder"))
     state = trainer.train()
     assert state.epoch == 2 and state.global_step > 0
-
-    lora1 = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters() if "lora_" in n}
-    assert not [n for n in lora0 if torch.equal(lora0[n], lora1[n])], "some LoRA tensors did not train"
-    frozen1 = {f"{c}.{n}": p for c in components for n, p in getattr(pipe, c).named_parameters() if "lora_" not in n}
-    assert all(torch.equal(frozen0[n], frozen1[n]) for n in frozen0), "base weights changed"
+    lora1 = watch.assert_trained()
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1.0, 2.0]
     assert all(math.isfinite(r["train/loss"]) and math.isfinite(r["train/kl"]) for r in rows)
@@ -323,9 +309,9 @@ def test_stable_audio_tiny_tempflow_grpo_trains(tmp_path: Path) -> None:
     stock = StableAudio3Pipeline.from_pretrained(resolve_pretrained(cfg.backbone.pretrained)).transformer
     inject_adapter_in_model(PeftLoraConfig.from_pretrained(str(ckpt / "trainable")), stock)
     set_peft_model_state_dict(stock, {k.removeprefix("transformer."): v for k, v in saved.items()})
-    loaded = {_plain(n): p for n, p in stock.named_parameters() if "lora_" in n}
+    loaded = {plain_lora_name(n): p for n, p in stock.named_parameters() if "lora_" in n}
     assert len(loaded) == len(lora1) == len(saved)
-    assert all(torch.equal(loaded[_plain(n)].detach(), v) for n, v in lora1.items())
+    assert all(torch.equal(loaded[plain_lora_name(n)].detach(), v) for n, v in lora1.items())
 
 
 def test_stable_audio_3_is_a_registered_sampler() -> None:

@@ -4,7 +4,6 @@ rollouts, configuration errors and a tiny TempFlow-GRPO training run (tiny rando
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
 from safetensors.torch import load_file
+from weight_checks import WeightWatch, plain_lora_name
 
 from alignkit.checkpoint import latest_checkpoint
 from alignkit.config import BackboneConfig, ConfigError, LoraConfig
@@ -213,11 +213,6 @@ def test_bad_video_settings_fail_before_loading(tmp_path: Path) -> None:
 # -- training ----------------------------------------------------------------------------------------------
 
 
-def _plain(name: str) -> str:
-    """Parameter name without peft's adapter-name segment (``default``, ``default_0``)."""
-    return re.sub(r"\.default(_\d+)?\.", ".", name)
-
-
 @pytest.mark.integration
 def test_wan_tiny_tempflow_grpo_trains(tmp_path: Path) -> None:
     from alignkit.recipes import load_run_config
@@ -230,19 +225,10 @@ def test_wan_tiny_tempflow_grpo_trains(tmp_path: Path) -> None:
         "train.checkpoint_every=2", "train.sample_every=1",
     ])
     trainer = Trainer(cfg, tensorboard=False)
-    pipe = trainer.sampler.pipe
-    lora0 = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters() if "lora_" in n}
-    frozen0 = {f"{c}.{n}": p.detach().clone() for c in ("transformer", "vae", "text_encoder")
-               for n, p in getattr(pipe, c).named_parameters() if "lora_" not in n}
-    assert lora0 and frozen0
+    watch = WeightWatch(trainer.sampler.pipe)
     state = trainer.train()
     assert state.epoch == 2 and state.global_step > 0
-
-    lora1 = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters() if "lora_" in n}
-    assert not [n for n in lora0 if torch.equal(lora0[n], lora1[n])], "some LoRA tensors did not train"
-    frozen1 = {f"{c}.{n}": p for c in ("transformer", "vae", "text_encoder")
-               for n, p in getattr(pipe, c).named_parameters() if "lora_" not in n}
-    assert all(torch.equal(frozen0[n], frozen1[n]) for n in frozen0), "base weights changed"
+    lora1 = watch.assert_trained()
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1.0, 2.0]
     assert all(math.isfinite(r["train/loss"]) and math.isfinite(r["train/kl"]) for r in rows)
@@ -256,9 +242,9 @@ def test_wan_tiny_tempflow_grpo_trains(tmp_path: Path) -> None:
     saved = load_file(str(ckpt / "trainable" / LORA_WEIGHTS_NAME))
     stock = WanPipeline.from_pretrained(resolve_pretrained(cfg.backbone.pretrained))
     stock.load_lora_weights(ckpt / "trainable")
-    loaded = {_plain(n): p for n, p in stock.transformer.named_parameters() if "lora_" in n}
+    loaded = {plain_lora_name(n): p for n, p in stock.transformer.named_parameters() if "lora_" in n}
     assert len(loaded) == len(lora1) == len(saved)
-    assert all(torch.equal(loaded[_plain(n)].detach(), v) for n, v in lora1.items())
+    assert all(torch.equal(loaded[plain_lora_name(n)].detach(), v) for n, v in lora1.items())
 
 
 def test_wan_is_a_registered_sampler() -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from safetensors.torch import load_file
+from weight_checks import WeightWatch
 
 from alignkit.config import BackboneConfig, LoraConfig
 from alignkit.metrics import read_metrics
@@ -146,18 +147,10 @@ def test_shapes_video_recipe_trains_lora_only(tmp_path: Path) -> None:
         "eval.seeds_per_prompt=1", "eval.batch_size=2",
     ])
     trainer = Trainer(cfg, tensorboard=False)
-    pipe = trainer.sampler.pipe
-    lora0 = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters() if "lora_" in n}
-    frozen0 = {f"{c}.{n}": p.detach().clone() for c in ("transformer", "vae", "text_encoder")
-               for n, p in getattr(pipe, c).named_parameters() if "lora_" not in n}
-    assert lora0 and frozen0
+    watch = WeightWatch(trainer.sampler.pipe)
     state = trainer.train()
     assert state.epoch == 2 and state.global_step > 0
-    lora1 = {n: p.detach() for n, p in pipe.transformer.named_parameters() if "lora_" in n}
-    assert not [n for n in lora0 if torch.equal(lora0[n], lora1[n])], "some LoRA tensors did not train"
-    frozen1 = {f"{c}.{n}": p for c in ("transformer", "vae", "text_encoder")
-               for n, p in getattr(pipe, c).named_parameters() if "lora_" not in n}
-    assert all(torch.equal(frozen0[n], frozen1[n]) for n in frozen0), "base weights changed"
+    watch.assert_trained()
     rows = read_metrics(out / "metrics.jsonl")
     trained = [r for r in rows if r["epoch"] > 0]
     assert len(trained) == 2 and all(math.isfinite(r["train/loss"]) and math.isfinite(r["train/kl"]) for r in trained)
