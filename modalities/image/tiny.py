@@ -246,26 +246,21 @@ def clip_text_config(
     )
 
 
+def tiny_t5_settings(vocab_size: int, pad_id: int, eos_id: int, d_model: int) -> dict[str, Any]:
+    """Config fields of a 2-layer T5-family encoder of width ``d_model`` (4 heads of 8 dims, gated-GELU FFN of
+    ``2 d_model``, no dropout), for ``T5Config`` and ``UMT5Config`` alike."""
+    return {
+        "vocab_size": vocab_size, "d_model": d_model, "d_kv": 8, "d_ff": 2 * d_model, "num_layers": 2,
+        "num_decoder_layers": 0, "num_heads": 4, "relative_attention_num_buckets": 8,
+        "relative_attention_max_distance": 32, "dropout_rate": 0.0, "feed_forward_proj": "gated-gelu",
+        "is_encoder_decoder": False, "use_cache": False, "pad_token_id": pad_id, "eos_token_id": eos_id,
+        "decoder_start_token_id": pad_id,
+    }
+
+
 def _t5_encoder(tokenizer: PreTrainedTokenizerFast, *, seed: int, d_model: int) -> T5EncoderModel:
     torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=d_model,
-        d_kv=8,
-        d_ff=2 * d_model,
-        num_layers=2,
-        num_decoder_layers=0,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        dropout_rate=0.0,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        use_cache=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
+    config = T5Config(**tiny_t5_settings(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, d_model))
     return T5EncoderModel(config)
 
 

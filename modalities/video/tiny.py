@@ -21,7 +21,7 @@ from diffusers import (
 )
 from transformers import UMT5Config, UMT5EncoderModel
 
-from modalities.image.tiny import _finalize, build_tiny_tokenizer
+from modalities.image.tiny import _finalize, build_tiny_tokenizer, tiny_t5_settings
 
 __all__ = ["TINY_WAN_FLOW_SHIFT", "WAN_1_3B", "WAN_MID", "build_tiny_wan_pipeline", "tiny_umt5_encoder"]
 
@@ -54,25 +54,7 @@ def tiny_umt5_encoder(
     """A 2-layer UMT5 encoder of width ``d_model`` (4 heads of 8 dims, gated-GELU FFN of ``2 d_model``), random
     from ``torch.manual_seed(seed)`` (callers restore the global RNG, see :func:`build_tiny_wan_pipeline`)."""
     torch.manual_seed(seed)
-    config = UMT5Config(
-        vocab_size=vocab_size,
-        d_model=d_model,
-        d_kv=8,
-        d_ff=2 * d_model,
-        num_layers=2,
-        num_decoder_layers=0,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        dropout_rate=0.0,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        use_cache=False,
-        pad_token_id=pad_id,
-        eos_token_id=eos_id,
-        decoder_start_token_id=pad_id,
-    )
-    return UMT5EncoderModel(config)
+    return UMT5EncoderModel(UMT5Config(**tiny_t5_settings(vocab_size, pad_id, eos_id, d_model)))
 
 
 def build_tiny_wan_pipeline(
