@@ -40,7 +40,16 @@ import numpy as np
 import torch
 
 from modalities.video.shapes.world import DIRECTIONS, MotionSpec, MovingObject, parse_caption
-from rewards.shapeeval import DEFAULT_DETECTOR, DetectedObject, DetectorConfig, detect, score_by_spec, summarize
+from rewards.shapeeval import (
+    DEFAULT_DETECTOR,
+    DetectedObject,
+    DetectorConfig,
+    as_spec,
+    detect,
+    score_by_spec,
+    spec_of_sample,
+    summarize,
+)
 from rewards.video import check_videos
 
 __all__ = [
@@ -134,15 +143,6 @@ def _strict(credits: Mapping[str, float], cfg: MotionConfig) -> float:
     return float(all(v >= floors[name.rsplit("/", 1)[-1]] for name, v in credits.items()))
 
 
-def _as_spec(item: MotionSpec | Mapping[str, Any], index: int) -> MotionSpec:
-    if isinstance(item, MotionSpec):
-        return item
-    try:
-        return MotionSpec.from_metadata(dict(item))
-    except ValueError as exc:
-        raise ValueError(f"metadata[{index}] is not a moving-shapes spec: {exc}") from exc
-
-
 def _as_videos(videos: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Validated float clips ``[B, F, 3, H, W]`` with at least 2 frames."""
     out = check_videos(torch.as_tensor(videos) if isinstance(videos, np.ndarray) else videos)
@@ -172,7 +172,7 @@ def motioneval_details(
     Raises:
         ValueError: on a length mismatch or a row that is not a valid spec.
     """
-    specs = [_as_spec(m, i) for i, m in enumerate(metadata)]
+    specs = [as_spec(m, i, MotionSpec, "moving-shapes") for i, m in enumerate(metadata)]
     clips = _as_videos(videos)
     b, f = clips.shape[:2]
     if b != len(specs):
@@ -197,18 +197,13 @@ def motioneval_details(
 
 
 def resolve_spec(prompt: str, metadata: Mapping[str, Any] | None) -> MotionSpec | None:
-    """The spec of one sample: from its metadata when that carries one, else parsed from the caption.
-
-    Metadata carries a spec when it has a ``"category"`` or ``"objects"`` key (as written by
-    :meth:`MotionSpec.to_metadata`). Returns None when it carries none and the prompt is not a
-    moving-shapes caption.
+    """The moving-shapes spec of one sample (:func:`rewards.shapeeval.spec_of_sample`); None for a caption
+    of no moving-shapes world.
 
     Raises:
         ValueError: when the metadata carries a malformed spec (or one of another world).
     """
-    if metadata and ("category" in metadata or "objects" in metadata):
-        return MotionSpec.from_metadata(dict(metadata))
-    return parse_caption(prompt)
+    return spec_of_sample(prompt, metadata, MotionSpec, parse_caption)
 
 
 class MotionEval:

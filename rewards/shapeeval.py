@@ -259,13 +259,27 @@ def soft_credits(
     return credits
 
 
-def _as_spec(item: PromptSpec | Mapping[str, Any], index: int) -> PromptSpec:
-    if isinstance(item, PromptSpec):
+def as_spec(item: Any, index: int, spec_type: type, world: str) -> Any:
+    """``item`` if it is a ``spec_type``, else the spec its metadata dict describes (``spec_type.from_metadata``).
+
+    Raises:
+        ValueError: ``metadata[index]`` is not a ``world`` spec.
+    """
+    if isinstance(item, spec_type):
         return item
     try:
-        return PromptSpec.from_metadata(dict(item))
+        return spec_type.from_metadata(dict(item))
     except ValueError as exc:
-        raise ValueError(f"metadata[{index}] is not a shapes-world spec: {exc}") from exc
+        raise ValueError(f"metadata[{index}] is not a {world} spec: {exc}") from exc
+
+
+def spec_of_sample(prompt: str, metadata: Mapping[str, Any] | None, spec_type: type,
+                   parse: Callable[[str], Any]) -> Any:
+    """The spec of one sample: from its metadata when that carries one (a ``"category"`` or ``"objects"``
+    key, as ``spec_type.to_metadata`` writes), else ``parse(prompt)`` (None when the caption is not one)."""
+    if metadata and ("category" in metadata or "objects" in metadata):
+        return spec_type.from_metadata(dict(metadata))
+    return parse(prompt)
 
 
 def shapeeval_details(
@@ -282,7 +296,7 @@ def shapeeval_details(
     Raises:
         ValueError: on a length mismatch or a row that is not a valid spec.
     """
-    specs = [_as_spec(m, i) for i, m in enumerate(metadata)]
+    specs = [as_spec(m, i, PromptSpec, "shapes-world") for i, m in enumerate(metadata)]
     detections = detect(images, cfg)
     if len(detections) != len(specs):
         raise ValueError(f"{len(detections)} images but {len(specs)} metadata rows; give one per image")
@@ -331,18 +345,12 @@ def summarize(details: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def resolve_spec(prompt: str, metadata: Mapping[str, Any] | None) -> PromptSpec | None:
-    """The spec of one sample: from its metadata when that carries one, else parsed from the caption.
-
-    Metadata carries a spec when it has a ``"category"`` or ``"objects"`` key (as written by
-    :meth:`PromptSpec.to_metadata`). Returns None when it carries none and the prompt is not a
-    shapes-world caption.
+    """The shapes-world spec of one sample (:func:`spec_of_sample`); None for a caption of no shapes-world.
 
     Raises:
         ValueError: when the metadata carries a malformed spec.
     """
-    if metadata and ("category" in metadata or "objects" in metadata):
-        return PromptSpec.from_metadata(dict(metadata))
-    return parse_caption(prompt)
+    return spec_of_sample(prompt, metadata, PromptSpec, parse_caption)
 
 
 def score_by_spec(
