@@ -16,7 +16,8 @@ What the trainer does differently under FSDP (:class:`alignkit.trainer.Trainer`)
 - checkpoints hold full tensors: optimizer and EMA state are gathered from all processes
   (:func:`gather_full`) and the main process writes them in the same format as an unsharded run; loading
   shards them again (:func:`shard_like`). Trainable weights are loaded before sharding;
-- held-out evaluation runs on every process (same prompts); only the main one scores and writes.
+- held-out evaluation is split over the processes in blocks of equal size (padded), as under DDP, so every
+  process runs as many forwards (:meth:`alignkit.trainer.Trainer.evaluate_heldout`).
 """
 
 from __future__ import annotations

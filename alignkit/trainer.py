@@ -10,9 +10,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -42,6 +43,8 @@ from alignkit.rollout import RolloutEngine, RolloutRequest, sample_generator
 from alignkit.types import Credit, Rollout, Transitions, index_batch
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # stream tags separating the random streams drawn from one (seed, epoch)
 _TAG_PROMPTS, _TAG_PLAN, _TAG_SUBSAMPLE, _TAG_SHUFFLE = 101, 102, 103, 104
@@ -350,22 +353,9 @@ class Trainer:
             RewardError: a reward raised on any process.
         """
         scorer, self._pending_scorer = self._pending_scorer, None
-        table: RewardTable | None = None
-        failure: str | None = None
-        try:
-            if scorer is not None:
-                table = scorer.result()  # waits only for the chunks still being scored
-            else:
-                table = self.reward_set.score(rollout.samples, rollout.sample_prompts, rollout.sample_metadata)
-        except Exception as exc:
-            if not self.shard.distributed:
-                raise
-            failure = f"process {self.shard.rank}: {type(exc).__name__}: {exc}"
-        if self.shard.distributed:  # no process may wait in the gather for one that failed
-            failures = [f for f in self.shard.gather(failure) if f]
-            if failures:
-                raise RewardError(failures[0])
-        assert table is not None
+        table = self._on_every_process(
+            scorer.result if scorer is not None  # waits only for the chunks still being scored
+            else lambda: self.reward_set.score(rollout.samples, rollout.sample_prompts, rollout.sample_metadata))
         g = gather_rollout(self.shard, table, rollout.keys, rollout.transitions, num_prompts=len(rollout.prompts),
                            nfe=rollout.nfe)
         self._gathered = g
@@ -373,6 +363,21 @@ class Trainer:
         c = self.cfg.algo.credit
         score = self.reward_set.aggregate(g.table, groups, std=c.std, eps=c.eps)
         return g.table, score, self.credit.assign(score, g.keys, g.transitions)
+
+    def _on_every_process(self, fn: Callable[[], T]) -> T:
+        """``fn()`` (scoring); an exception on any process raises :class:`RewardError` on every process, so
+        that none waits in a later collective for one that failed."""
+        if not self.shard.distributed:
+            return fn()
+        result, failure = None, None
+        try:
+            result = fn()
+        except Exception as exc:
+            failure = f"process {self.shard.rank}: {type(exc).__name__}: {exc}"
+        failures = [f for f in self.shard.gather(failure) if f]
+        if failures:
+            raise RewardError(failures[0])
+        return result  # type: ignore[return-value]
 
     def _layout(self, rollout: Rollout) -> Gathered:
         """The global structure :meth:`score` gathered for ``rollout`` (trivial for one process)."""
@@ -590,8 +595,7 @@ class Trainer:
             self.resume()
         bar = tqdm(total=cfg.train.epochs, initial=self.state.epoch, desc="alignkit", unit="epoch",
                    disable=not self.is_main, dynamic_ncols=True)
-        evaluates = self.is_main or self.fsdp  # a sharded model samples on every process
-        if cfg.eval.before_after and self.state.epoch == 0 and evaluates:
+        if cfg.eval.before_after and self.state.epoch == 0:
             before = self.evaluate_heldout("eval_before")
             if self.is_main:
                 self.metrics.write(0, {"epoch": 0.0, "global_step": 0.0, "rollout/nfe_total": 0.0,
@@ -614,8 +618,7 @@ class Trainer:
                 self.state.seconds_total += t3 - t0
                 metrics = self._epoch_metrics(gathered, table, score, credit, stats, (t0, t1, t2, t3))
                 last = self.state.epoch == cfg.train.epochs
-                if evaluates and ((cfg.eval.every and self.state.epoch % cfg.eval.every == 0)
-                                  or (last and cfg.eval.before_after)):
+                if (cfg.eval.every and self.state.epoch % cfg.eval.every == 0) or (last and cfg.eval.before_after):
                     after = self.evaluate_heldout("eval_after" if last else f"eval_{self.state.epoch:05d}")
                     metrics.update(after)
                     if last and self.is_main:
@@ -678,21 +681,34 @@ class Trainer:
     def evaluate_heldout(self, name: str) -> dict[str, float]:
         """Deterministic sampling of the evaluation prompts (EMA weights when enabled); a captioned grid.
 
-        Returns ``eval/<reward>`` means (NaN-masked) for the training and evaluation-only rewards. Under
-        FSDP every process samples (each forward gathers from all); the others return ``{}`` unscored.
+        Every process samples and scores an equal, contiguous block of the ``eval.num_prompts`` prompts (the
+        last blocks padded with repeats of the last prompt, dropped before the means: under FSDP every
+        process must run as many forwards); the reward tables are gathered, so the means are those of all
+        the prompts, on every process. The main process writes the preview of its block.
+
+        Returns ``eval/<reward>`` means (NaN-masked) for the training and evaluation-only rewards.
         """
         e = self.cfg.eval
+        n = min(e.num_prompts, len(self.eval_prompts))
+        share = -(-n // self.shard.world_size)
+        start = self.shard.rank * share
+        ids = [min(i, n - 1) for i in range(start, start + share)]
+        real = max(0, min(n, start + share) - start)  # prompts of this block that are not padding
         ctx = self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
         with ctx:
-            rollout, table = evaluate(self.sampler, self.eval_reward_set, self.eval_prompts, seed=e.seed,
-                                      seeds_per_prompt=e.seeds_per_prompt, batch_size=e.batch_size,
-                                      limit=e.num_prompts, score=self.is_main)
-        if table is None:
-            return {}
-        out = {f"eval/{k}": float(torch.nanmean(v)) for k, v in table.raw.items()}
-        first = next(iter(table.raw.values()))  # the first training reward
-        self._last_heldout = float(torch.nanmean(first))
-        self._save_samples(rollout, first, name, limit=32)
+            rollout, table = self._on_every_process(lambda: evaluate(
+                self.sampler, self.eval_reward_set, self.eval_prompts, seed=e.seed,
+                seeds_per_prompt=e.seeds_per_prompt, batch_size=e.batch_size, prompt_ids=ids))
+        assert table is not None
+        keep = rollout.keys.prompt_index < real  # [S_p]
+        raw = {k: v[keep] for k, v in table.raw.items()}
+        parts = self.shard.gather(raw)
+        merged = {k: torch.cat([p[k] for p in parts]) for k in raw}
+        out = {f"eval/{k}": float(torch.nanmean(v)) for k, v in merged.items()}
+        first = next(iter(merged))  # the first training reward
+        self._last_heldout = out[f"eval/{first}"]
+        if self.is_main:
+            self._save_samples(rollout, raw[first], name, limit=min(32, int(keep.sum())))
         return out
 
     def _save_samples(self, rollout: Rollout, score: torch.Tensor, name: str, limit: int = 16) -> Path | None:
@@ -713,16 +729,24 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 def evaluate(
     sampler: Sampler, reward_set: RewardSet, prompts: PromptSet, *, seed: int, seeds_per_prompt: int,
-    batch_size: int, limit: int | None = None, score: bool = True,
-) -> tuple[Rollout, RewardTable | None]:
-    """Deterministic (ODE / argmax) sampling of held-out prompts and their reward table (None unless
-    ``score``)."""
+    batch_size: int, limit: int | None = None, prompt_ids: Sequence[int] | None = None,
+) -> tuple[Rollout, RewardTable]:
+    """Deterministic (ODE / argmax) sampling of held-out prompts and their reward table.
+
+    Args:
+        limit: the first ``limit`` prompts (all when None).
+        prompt_ids: these prompts instead (indices into ``prompts``; a sample's noise depends on its id, so a
+            prompt gives the same samples in any selection).
+    """
     from alignkit.plans import Deterministic
 
-    n = len(prompts) if limit is None else min(limit, len(prompts))
+    if prompt_ids is None:
+        prompt_ids = range(len(prompts) if limit is None else min(limit, len(prompts)))
+    ids = list(prompt_ids)
     engine = RolloutEngine(sampler, batch_size=batch_size)
-    request = RolloutRequest(prompts=prompts.prompts[:n], prompt_ids=list(range(n)), metadata=prompts.metadata[:n],
-                             num_seeds=seeds_per_prompt, seed=seed, iteration=0)
+    request = RolloutRequest(prompts=[prompts.prompts[i] for i in ids], prompt_ids=ids,
+                             metadata=[prompts.metadata[i] for i in ids], num_seeds=seeds_per_prompt, seed=seed,
+                             iteration=0)
     rollout = engine.run(request, Deterministic().schedule(sampler.num_steps, 0, torch.Generator()))
-    table = reward_set.score(rollout.samples, rollout.sample_prompts, rollout.sample_metadata) if score else None
+    table = reward_set.score(rollout.samples, rollout.sample_prompts, rollout.sample_metadata)
     return rollout, table

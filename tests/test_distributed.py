@@ -44,7 +44,7 @@ RUNS = {
     # root module's own layer (proj_out, outside the sharded blocks); the one-process reference runs unsharded
     "flow_grpo_fsdp": ("sd3_tiny_flow_grpo", ["train.sharding=fsdp", "train.rollout_batch_size=4",
                                               "train.train_batch_size=2", "train.gradient_accumulation_steps=2",
-                                              "eval.before_after=true", "eval.every=1", "eval.num_prompts=2",
+                                              "eval.before_after=true", "eval.every=1", "eval.num_prompts=3",
                                               "backbone.lora.target_modules=[to_q,to_k,to_v,to_out.0,proj_out]"]),
 }
 RESUMED = "flow_grpo_fsdp"  # also trained by the pair as 1 epoch, then resumed for the second
@@ -100,8 +100,14 @@ def test_two_processes_match_one(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     assert list((built / "text_encoder").glob("*.safetensors")) and not list(built.parent.glob("*.tmp*"))
 
     for name in RUNS:
-        rows1, rows2 = ([r for r in read_metrics(out / name / "metrics.jsonl") if r["epoch"] >= 1]  # not eval_before
-                        for out in (one, two))
+        every1, every2 = (read_metrics(out / name / "metrics.jsonl") for out in (one, two))
+        held = [(r1["eval/bright"], r2["eval/bright"]) for r1, r2 in zip(every1, every2, strict=True)
+                if "eval/bright" in r1]
+        # held-out evaluation: the processes sample and score 2 and 1 (+1 padding) of the 3 prompts, the means
+        # are gathered
+        assert len(held) == (3 if name == RESUMED else 0), (name, held)
+        assert all(b == pytest.approx(a, rel=1e-4, abs=1e-7) for a, b in held), (name, held)
+        rows1, rows2 = ([r for r in rows if r["epoch"] >= 1] for rows in (every1, every2))  # not eval_before
         assert [r["run/processes"] for r in rows2] == [2.0, 2.0] and rows1[0]["run/processes"] == 1.0
         for r1, r2 in zip(rows1, rows2, strict=True):
             for key in COMPARED:  # gathered rewards, global counts, summed gradients (grad_norm is pre-clip)
