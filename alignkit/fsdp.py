@@ -138,8 +138,15 @@ def shard_module(module: torch.nn.Module, units: list[torch.nn.Module], mixed_pr
         ConfigError: a unit mixes parameter dtypes without ``bf16`` to gather them in (``fp16`` is refused
             by :class:`alignkit.config.TrainConfig`: there is no sharded loss scaler here).
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
+    try:
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        FSDPModule = None
+    needed = ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms", "set_requires_gradient_sync")
+    if FSDPModule is None or not all(hasattr(FSDPModule, name) for name in needed):
+        raise ConfigError([f"train.sharding=fsdp: torch {torch.__version__} lacks the FSDP2 API used here "
+                           f"(fully_shard with {', '.join(needed)}; tested with torch 2.14); upgrade torch or use "
+                           "train.sharding=ddp"])
     policy = MixedPrecisionPolicy()
     if mixed_precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

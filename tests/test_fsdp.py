@@ -73,3 +73,16 @@ def test_root_checked_on_its_own_parameters() -> None:
     with pytest.raises(Exception) as info:  # passes the dtype check, then needs a process group
         shard_module(root, default_units(root), "no")
     assert not isinstance(info.value, ConfigError)
+
+
+def test_a_torch_without_the_fsdp2_calls_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    monkeypatch.delattr(FSDPModule, "set_force_sum_reduction_for_comms")
+    root = torch.nn.Module()
+    root.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+    with pytest.raises(ConfigError) as info:
+        shard_module(root, default_units(root), "no")
+    msg = str(info.value)
+    assert f"torch {torch.__version__}" in msg and "set_force_sum_reduction_for_comms" in msg
+    assert "train.sharding=ddp" in msg
