@@ -138,12 +138,13 @@ class Trainer:
 
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        if cfg.train.mixed_precision == "fp16" and resolve_device(cfg.device).type == "cpu":
+        on_cpu = resolve_device(cfg.device).type == "cpu"
+        if cfg.train.mixed_precision == "fp16" and on_cpu:
             # accelerate would run such a run in float32 without a word
             raise ConfigError([f"train.mixed_precision=fp16 on device={cfg.device!r} (CPU): fp16 autocast and loss "
                                "scaling need a GPU; use train.mixed_precision=bf16 or no on CPU"])
         self.accelerator = Accelerator(
-            mixed_precision=cfg.train.mixed_precision, cpu=resolve_device(cfg.device).type == "cpu",
+            mixed_precision=cfg.train.mixed_precision, cpu=on_cpu,
             # gradients are summed explicitly (see _reduce_gradients); the model's buffers are constants
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )

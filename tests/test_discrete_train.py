@@ -11,6 +11,7 @@ import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForMaskedLM
+from weight_checks import lora_tensors
 
 from alignkit.checkpoint import latest_checkpoint
 from alignkit.metrics import read_metrics
@@ -44,7 +45,7 @@ def _trainer(recipe: str, model_dir: Path, out: Path, *extra: str) -> Trainer:
 
 
 def _split(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    lora = lora_tensors(model)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     return lora, frozen
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from weight_checks import lora_tensors
 
 import alignkit.trainer as trainer_mod
 from alignkit.checkpoint import latest_checkpoint, load_checkpoint
@@ -51,16 +52,12 @@ class PoisonLogProb:
         return dist
 
 
-def _lora(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in trainer.sampler.pipe.transformer.named_parameters() if "lora_" in n}
-
-
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_occasional_nonfinite_log_probs_skip_and_count_steps(tmp_path: Path, value: float,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     trainer = Trainer(load_run_config("sd3_tiny_flow_grpo", _overrides(tmp_path, 3)), tensorboard=False)
     poison = PoisonLogProb(trainer.sampler, bad={2, 7})
-    before = _lora(trainer)
+    before = lora_tensors(trainer.sampler.pipe.transformer)
     with caplog.at_level(logging.WARNING):
         state = trainer.train()
     assert poison.calls == 3 * STEPS_PER_EPOCH
@@ -71,7 +68,7 @@ def test_occasional_nonfinite_log_probs_skip_and_count_steps(tmp_path: Path, val
     assert [r["train/nonfinite_skipped"] for r in rows] == [1.0, 2.0, 2.0]
     assert all(math.isfinite(r["train/loss"]) and math.isfinite(r["train/grad_norm"]) for r in rows)
     assert "optimizer step skipped" in caplog.text and "process 0" in caplog.text
-    after = _lora(trainer)
+    after = lora_tensors(trainer.sampler.pipe.transformer)
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert load_checkpoint(latest_checkpoint(tmp_path))[1]["nonfinite_skipped"] == 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,14 +39,6 @@ PROMPTS = ["a photo of a cat", "a red dog", "two blue squares on grass", "", "a 
 HEAD_SHAPES = [(1024, 32), (128, 1024), (64, 128), (16, 64), (1, 16)]  # Linear (out, in) of the aesthetic MLP
 HEAD_INDEX = [0, 2, 4, 6, 7]  # nn.Sequential positions of those Linear layers in the reference checkpoint
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads and lose much to them on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

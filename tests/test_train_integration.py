@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from safetensors.torch import load_file
+from weight_checks import WeightWatch, plain_lora_name
 
 from alignkit.checkpoint import latest_checkpoint
 from alignkit.cli import main
@@ -29,40 +29,17 @@ def _overrides(out: Path, epochs: int) -> list[str]:
             "backbone.num_steps=4", "train.checkpoint_every=1", "train.sample_every=1", "train.keep_checkpoints=2"]
 
 
-def _plain(name: str) -> str:
-    """Parameter name without peft's adapter-name segment (``default``, ``default_0``)."""
-    return re.sub(r"\.default(_\d+)?\.", ".", name)
-
-
-def _lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}
-
-
-def _frozen_state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    pipe = trainer.sampler.pipe
-    out = {}
-    for comp in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        for n, p in getattr(pipe, comp).named_parameters():
-            if "lora_" not in n:
-                out[f"{comp}.{n}"] = p.detach().clone()
-    return out
-
-
 @pytest.mark.parametrize("recipe", list(CASES))
 def test_train_checkpoint_resume(recipe: str, tmp_path: Path) -> None:
     out = tmp_path / "run"
     trainer = Trainer(load_run_config(recipe, _overrides(out, 2)), tensorboard=False)
-    lora0, frozen0 = _lora_state(trainer.sampler.pipe.transformer), _frozen_state(trainer)
-    assert lora0 and all(not p.requires_grad for n, p in trainer.sampler.pipe.vae.named_parameters())
+    watch = WeightWatch(trainer.sampler.pipe, ("transformer", "vae", "text_encoder", "text_encoder_2"))
+    assert all(not p.requires_grad for n, p in trainer.sampler.pipe.vae.named_parameters())
     state = trainer.train()
     assert state.epoch == 2 and state.global_step > 0
 
     # real effects: every LoRA tensor moved, nothing else did, losses finite, ratio 1 on the first step
-    lora1 = _lora_state(trainer.sampler.pipe.transformer)
-    unchanged = [n for n in lora0 if torch.equal(lora0[n], lora1[n])]
-    assert not unchanged, f"LoRA tensors that did not train: {unchanged}"
-    frozen1 = _frozen_state(trainer)
-    assert all(torch.equal(frozen0[n], frozen1[n]) for n in frozen0)
+    lora1 = watch.assert_trained()
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1.0, 2.0]
     assert all(math.isfinite(r["train/loss"]) and math.isfinite(r["train/kl"]) for r in rows)
@@ -77,9 +54,9 @@ def test_train_checkpoint_resume(recipe: str, tmp_path: Path) -> None:
     source = resolve_pretrained(trainer.cfg.backbone.pretrained)
     pipe = CASES[recipe].from_pretrained(source, **absent_components(source))
     pipe.load_lora_weights(ckpt / "trainable")
-    loaded = {_plain(n): p for n, p in pipe.transformer.named_parameters() if "lora_" in n}
+    loaded = {plain_lora_name(n): p for n, p in pipe.transformer.named_parameters() if "lora_" in n}
     assert len(loaded) == len(lora1) == len(saved)
-    assert all(torch.equal(loaded[_plain(n)].detach(), v) for n, v in lora1.items())
+    assert all(torch.equal(loaded[plain_lora_name(n)].detach(), v) for n, v in lora1.items())
 
     # resume through the real CLI: continues from the saved step and ends where an uninterrupted run ends
     assert main(["train", recipe, *_overrides(out, 3)]) == 0

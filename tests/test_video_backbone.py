@@ -4,7 +4,6 @@ rollouts, configuration errors and a tiny TempFlow-GRPO training run (tiny rando
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,14 +28,6 @@ PROMPTS = ["a red circle", "two blue squares"]
 N_STEPS, FRAMES, SIZE = 4, 9, 32
 LATENT = (16, 3, 4, 4)  # [C, f, h, w] of a 9-frame 32 x 32 clip
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models are latency-bound: on a shared 2-core machine a second OpenMP thread waits for a busy core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

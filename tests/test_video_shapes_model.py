@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,14 +32,6 @@ from rewards.motioneval import MotionEval
 RECIPE = "shapes_video_tempflow_grpo"
 LATENT = (8, 5, 8, 8)  # [C, f, h, w] of a 9-frame 32 x 32 clip: 4x space, 2x time
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models are latency-bound: on a shared 2-core machine a second OpenMP thread waits for a busy core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _backbone(pretrained: str | Path = "builtin:shapes-video", **kw: object) -> BackboneConfig:

@@ -136,7 +136,11 @@ class MaskedLMSampler(PolicyModule, MaskedDiffusionSampler):
             )
         model.to(self._device)
         self._init_policy(model, cfg.lora)
-        self.model = model
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The masked LM (the unwrapped policy module)."""
+        return self._policy
 
     def forbidden_ids(self, tokenizer: Any, options: dict[str, Any]) -> list[int]:
         """Token ids a generated position may never take: every special token but the end token."""
