@@ -15,9 +15,9 @@ import math
 import sys
 from pathlib import Path
 
+from alignkit.compose import DEFAULT_RECIPE, list_recipes, load_run_config
 from alignkit.config import ConfigError
 from alignkit.errors import AlignkitError
-from alignkit.recipes import DEFAULT_RECIPE, list_recipes, load_run_config
 
 logger = logging.getLogger("alignkit")
 
@@ -55,7 +55,7 @@ def cmd_eval(args: list[str]) -> int:
     import torch
 
     from alignkit.prompts import load_prompts
-    from alignkit.rewards import RewardSet
+    from alignkit.reward_set import RewardSet
     from alignkit.trainer import build_sampler, evaluate, resolve_device
 
     recipe, overrides = _split(args)
@@ -106,7 +106,7 @@ def cmd_list(args: list[str]) -> int:
 def cmd_serve_reward(args: list[str]) -> int:
     from alignkit.config import RewardTermConfig
     from alignkit.reward_server import DEFAULT_MAX_REQUEST_BYTES, serve
-    from alignkit.rewards import resolve_reward
+    from alignkit.reward_set import resolve_reward
 
     parser = argparse.ArgumentParser(prog="alignkit serve-reward",
                                      description="Serve a reward over HTTP (protocol: alignkit.reward_protocol).")

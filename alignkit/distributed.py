@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 
 from alignkit.errors import DistributedError
-from alignkit.rewards import RewardTable
+from alignkit.reward_set import RewardTable
 from alignkit.types import SampleKeys, Transitions
 
 T = TypeVar("T")

@@ -145,3 +145,6 @@ CREDIT_ASSIGNERS: Registry = Registry("credit")
 EXPLORATION_PLANS: Registry = Registry("plans")
 STEP_KINDS: Registry = Registry("steps")
 PROMPT_SOURCES: Registry = Registry("prompts")
+SHIPPED_MODELS: Registry = Registry("models")
+"""``builtin:<name>`` model folders shipped inside the package (the worlds' pretrained models): each entry is a
+function returning the folder's ``Path``, registered through the ``alignkit.models`` entry point."""

@@ -1,7 +1,7 @@
 """Reward wire protocol, version 1: rewards served by another process.
 
 A reward server (``alignkit serve-reward NAME``, :mod:`alignkit.reward_server`) scores batches of samples for
-a client (``rewards.remote:RemoteReward``) over HTTP/1.x with UTF-8 JSON bodies. One request carries one
+a client (``alignkit.rewards.remote:RemoteReward``) over HTTP/1.x with UTF-8 JSON bodies. One request carries one
 batch; the answer holds one score per sample, in request order. Any language can implement either side
 from this page.
 

@@ -34,7 +34,7 @@ from alignkit.reward_protocol import (
 )
 
 if TYPE_CHECKING:
-    from alignkit.rewards import Reward
+    from alignkit.reward_set import Reward
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from alignkit.objective import grpo_objective
 from alignkit.plans import ExplorationPlan, PlanSchedule, build_plan
 from alignkit.prompts import PromptSet, load_prompts
 from alignkit.registry import SAMPLERS
-from alignkit.rewards import OverlappedScorer, RewardSet, RewardTable
+from alignkit.reward_set import OverlappedScorer, RewardSet, RewardTable
 from alignkit.rollout import RolloutEngine, RolloutRequest, sample_generator
 from alignkit.types import Credit, Rollout, Transitions, index_batch
 

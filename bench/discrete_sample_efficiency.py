@@ -33,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from alignkit.compose import load_run_config
 from alignkit.metrics import read_metrics
-from alignkit.recipes import load_run_config
 from alignkit.trainer import Trainer
 
 logger = logging.getLogger("bench.discrete_sample_efficiency")

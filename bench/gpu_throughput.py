@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from alignkit.recipes import load_run_config
-from alignkit.rewards import RewardSet, RewardTerm
+from alignkit.compose import load_run_config
+from alignkit.reward_set import RewardSet, RewardTerm
 from alignkit.trainer import Trainer
 from alignkit.types import index_batch
 
@@ -74,7 +74,7 @@ def build_sd35_medium_shaped(dtype: torch.dtype) -> Any:
     )
     from transformers import CLIPTextModelWithProjection
 
-    from modalities.image.tiny import build_tiny_tokenizer, clip_text_config
+    from alignkit.modalities.image.tiny import build_tiny_tokenizer, clip_text_config
 
     torch.manual_seed(0)
     tok, tok2 = build_tiny_tokenizer(), build_tiny_tokenizer()
@@ -116,8 +116,8 @@ def _peak_tflops(device: torch.device, given: float | None) -> float | None:
 
 def measure(algo: str, *, tiny: bool, prompts: int, out: Path, peak_tflops: float | None) -> dict[str, Any]:
     """One warm-up epoch, then one timed epoch of ``algo``: rollout, reward, credit, update."""
-    from modalities.image.sd3 import SD3Sampler
-    from rewards.compression import JpegCompressibility
+    from alignkit.modalities.image.sd3 import SD3Sampler
+    from alignkit.rewards.compression import JpegCompressibility
 
     recipe = ALGOS[algo][1 if tiny else 0]
     overrides = [f"output_dir={out / algo}", "train.resume=false", "train.overlap_rewards=false",
@@ -131,7 +131,7 @@ def measure(algo: str, *, tiny: bool, prompts: int, out: Path, peak_tflops: floa
     cfg = load_run_config(recipe, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     if tiny:
-        from modalities.diffusers_common import load_pipeline
+        from alignkit.modalities.diffusers_common import load_pipeline
 
         pipe = load_pipeline(SD3Sampler.pipeline_class, cfg.backbone)
     else:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from sample_efficiency import METHODS  # the sibling bench script (bench/ is on sys.path when run)
 
-from alignkit.recipes import load_run_config
+from alignkit.compose import load_run_config
 from alignkit.trainer import Trainer
 
 logger = logging.getLogger("bench.gradient_snr")

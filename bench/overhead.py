@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from alignkit.recipes import load_run_config
+from alignkit.compose import load_run_config
+from alignkit.modalities.image.tiny import SD3_MID_TRANSFORMER, build_tiny_sd3_pipeline
+from alignkit.rewards.compression import JpegCompressibility
 from alignkit.trainer import Trainer
-from modalities.image.tiny import SD3_MID_TRANSFORMER, build_tiny_sd3_pipeline
-from rewards.compression import JpegCompressibility
 
 logger = logging.getLogger("bench.overhead")
 

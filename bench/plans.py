@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from alignkit.config import BackboneConfig, LoraConfig
+from alignkit.modalities.image.sd3 import SD3Sampler
+from alignkit.modalities.image.tiny import build_tiny_sd3_pipeline
 from alignkit.plans import AllStochastic, Branch, ExplorationPlan, Window
 from alignkit.rollout import RolloutEngine, RolloutRequest
-from modalities.image.sd3 import SD3Sampler
-from modalities.image.tiny import build_tiny_sd3_pipeline
 
 logger = logging.getLogger("bench.plans")
 

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from modalities.image.shapes.world import prompt_set, render_batch
+from alignkit.worlds.shapes.world import prompt_set, render_batch
 
 logger = logging.getLogger("bench.rewards")
 
@@ -87,7 +87,7 @@ def clip_folder(size: str, root: Path) -> Path:
     """A random CLIP of the given tower sizes with a real BPE tokenizer (open_clip's vocabulary)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from rewards.preference import offline_clip_tokenizer
+    from alignkit.rewards.preference import offline_clip_tokenizer
 
     folder = root / f"clip-{size}"
     if folder.is_dir():
@@ -111,7 +111,7 @@ def clip_folder(size: str, root: Path) -> Path:
 
 def aesthetic_head_folder(root: Path, in_features: int = 768) -> Path:
     """A random LAION aesthetic MLP head saved under its hub file name (``layers.{0,2,4,6,7}`` state dict)."""
-    from rewards.preference import ScoreHead
+    from alignkit.rewards.preference import ScoreHead
 
     folder = root / "aesthetic-head"
     folder.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,7 @@ def hps_folder(root: Path, arch: str = "ViT-H-14") -> Path:
     """A random open_clip ``arch`` saved like the HPS v2.1 checkpoint (``{"state_dict": ...}``)."""
     import open_clip
 
-    from rewards.preference import HPS_FILES
+    from alignkit.rewards.preference import HPS_FILES
 
     folder = root / "hps"
     folder.mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,7 @@ def imagereward_folder(root: Path) -> Path:
     """A random ImageReward checkpoint at the released size, in BLIP's key layout, with its med_config.json."""
     from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-    from rewards.preference import ScoreHead
+    from alignkit.rewards.preference import ScoreHead
 
     folder = root / "imagereward"
     folder.mkdir(parents=True, exist_ok=True)
@@ -170,7 +170,7 @@ def imagereward_folder(root: Path) -> Path:
 
 def bert_uncased_vocab() -> str:
     """The bert-base-uncased WordPiece tokenizer shipped with the packaged MiniLM (30522 tokens)."""
-    from rewards.text import PACKAGED_MINILM, resolve_model_dir
+    from alignkit.rewards.text import PACKAGED_MINILM, resolve_model_dir
 
     return str(resolve_model_dir(PACKAGED_MINILM))
 
@@ -199,12 +199,12 @@ def main() -> None:
     texts = [f"the answer is {i}" for i in range(args.batch)]
 
     from alignkit.reward_server import make_server
-    from rewards.compression import JpegCompressibility
-    from rewards.ocr import OCRReward
-    from rewards.remote import RemoteReward
-    from rewards.shapeeval import ShapeEval
-    from rewards.text import EmbeddingSimilarity, ExactMatch, NumericMatch
-    from rewards.video import ClipFunction, PerFrame, TemporalConsistency
+    from alignkit.rewards.compression import JpegCompressibility
+    from alignkit.rewards.ocr import OCRReward
+    from alignkit.rewards.remote import RemoteReward
+    from alignkit.rewards.text import EmbeddingSimilarity, ExactMatch, NumericMatch
+    from alignkit.rewards.video import ClipFunction, PerFrame, TemporalConsistency
+    from alignkit.worlds.shapes.shapeeval import ShapeEval
 
     results: dict[str, dict[str, float | str]] = {}
 
@@ -242,7 +242,7 @@ def main() -> None:
     finally:
         server.shutdown()
 
-    from rewards.preference import Aesthetic, CLIPScore, HPSv2, ImageReward, PickScore
+    from alignkit.rewards.preference import Aesthetic, CLIPScore, HPSv2, ImageReward, PickScore
 
     def run_model(name: str, build: Callable[[], Any], samples: torch.Tensor, folder: Path | None = None) -> None:
         """Build one model and time it; its memory (and ``folder``) is freed before the next model is built."""

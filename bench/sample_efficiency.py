@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
+from alignkit.compose import load_run_config
 from alignkit.metrics import read_metrics
-from alignkit.recipes import load_run_config
 from alignkit.trainer import Trainer
 
 logger = logging.getLogger("bench.sample_efficiency")

@@ -46,7 +46,7 @@ def worker(args: argparse.Namespace) -> None:
     """One process of one case: train, then (process 0) write the figures to ``args.result``."""
     import torch
 
-    from alignkit.recipes import load_run_config
+    from alignkit.compose import load_run_config
     from alignkit.trainer import Trainer
 
     overrides = [f"output_dir={args.output}", f"train.epochs={args.epochs}", "train.resume=false",

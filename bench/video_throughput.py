@@ -16,7 +16,7 @@ one case's memory does not hide another's). Reported per case:
   transitions in one minibatch (``train.train_batch_size``).
 
 Sizes: ``tiny`` (the moving-shapes model's architecture, 32 px, 9 frames), ``mid`` (a random Wan of 8 blocks
-of width 384, 128 px, 33 frames; ``modalities.video.tiny.WAN_MID``) and, with ``--wan-1-3b``, a random
+of width 384, 128 px, 33 frames; ``alignkit.modalities.video.tiny.WAN_MID``) and, with ``--wan-1-3b``, a random
 Wan2.1-T2V-1.3B-sized model (30 blocks, 12 heads x 128, FFN 8960, text width 4096, 480 x 832 px, 81
 frames; meant for a GPU). A case that runs out of memory is recorded as such. The ratios
 ``checkpointing on / off`` of training speed and memory are written with the results.
@@ -56,10 +56,10 @@ SIZES: dict[str, dict[str, Any]] = {
 
 def build_pipeline(size: str) -> Any:
     """The random pipeline of ``size`` (flow-matching Euler scheduler), on CPU in float32."""
-    from modalities.video.tiny import WAN_1_3B, WAN_MID, build_tiny_wan_pipeline
+    from alignkit.modalities.video.tiny import WAN_1_3B, WAN_MID, build_tiny_wan_pipeline
 
     if size == "tiny":
-        from modalities.video.shapes.model import build_shapes_video_pipeline
+        from alignkit.worlds.moving_shapes.model import build_shapes_video_pipeline
 
         return build_shapes_video_pipeline(seed=0)
     spec = {"mid": WAN_MID, "wan-1.3b": WAN_1_3B}[size]
@@ -123,7 +123,7 @@ def run_case(size: str, folder: str, checkpointing: bool, device: str, dtype: st
     """One (size, checkpointing) case in this process: ``warmup`` + ``reps`` epochs, medians of the reps."""
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
-    from alignkit.recipes import load_run_config
+    from alignkit.compose import load_run_config
     from alignkit.trainer import Trainer
 
     spec = SIZES[size]

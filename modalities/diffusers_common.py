@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from alignkit.config import BackboneConfig, ConfigError
 from alignkit.flow import FlowMatchingSampler, randn
 from alignkit.fsdp import module_state
-from modalities.policy import PolicyModule, float_trainable, inject_peft_lora
+from alignkit.modalities.policy import PolicyModule, float_trainable, inject_peft_lora
+from alignkit.registry import SHIPPED_MODELS
 
 logger = logging.getLogger(__name__)
 
@@ -30,25 +31,26 @@ LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 BuiltinBuilder = Callable[[], Any]
 BUILTIN_PIPELINES: dict[str, BuiltinBuilder] = {}
-"""``builtin:<name>`` pipelines: a builder returning a pipeline (built offline, saved to the cache and loaded
-back) or a ``Path`` to a pipeline folder shipped in the package."""
+"""``builtin:<name>`` tiny random pipelines: a builder returning a pipeline, built offline, saved to the cache
+and loaded back. Pretrained folders shipped in the package (the worlds' models) are found through
+:data:`alignkit.registry.SHIPPED_MODELS` instead."""
 
 
-SHIPPED: set[str] = set()
-
-
-def register_builtin(name: str, *, shipped: bool = False) -> Callable[[BuiltinBuilder], BuiltinBuilder]:
-    """Register ``builtin:<name>``; ``shipped`` builders return the ``Path`` of a packaged pipeline folder."""
+def register_builtin(name: str) -> Callable[[BuiltinBuilder], BuiltinBuilder]:
+    """Register the tiny random pipeline ``builtin:<name>``."""
 
     def decorator(fn: BuiltinBuilder) -> BuiltinBuilder:
         if name in BUILTIN_PIPELINES:
             raise KeyError(f"builtin pipeline {name!r} is already registered")
         BUILTIN_PIPELINES[name] = fn
-        if shipped:
-            SHIPPED.add(name)
         return fn
 
     return decorator
+
+
+def is_shipped(name: str) -> bool:
+    """Whether ``builtin:<name>`` is a pretrained folder shipped in the package (an ``alignkit.models`` entry)."""
+    return name in SHIPPED_MODELS
 
 
 def builtin_cache_dir() -> Path:
@@ -64,13 +66,14 @@ def resolve_pretrained(pretrained: str) -> str:
     if not pretrained.startswith("builtin:"):
         return pretrained
     name = pretrained.removeprefix("builtin:")
+    if is_shipped(name):  # shipped weights: a pipeline folder inside the package
+        return str(SHIPPED_MODELS.get(name)())
     if name not in BUILTIN_PIPELINES:
+        valid = sorted({*BUILTIN_PIPELINES, *SHIPPED_MODELS.names()})
         raise ValueError(
             f"backbone.pretrained={pretrained!r}: no builtin pipeline {name!r}; "
-            f"valid: {', '.join('builtin:' + n for n in sorted(BUILTIN_PIPELINES))}"
+            f"valid: {', '.join('builtin:' + n for n in valid)}"
         )
-    if name in SHIPPED:  # shipped weights: a pipeline folder inside the package
-        return str(BUILTIN_PIPELINES[name]())
     folder = builtin_cache_dir() / name
     if (folder / "model_index.json").exists():
         return str(folder)
@@ -146,8 +149,8 @@ def add_lora(module: torch.nn.Module, config: Any) -> None:
     """Add the peft LoRA adapter ``config`` (named ``default``) to ``module``.
 
     diffusers models with its ``PeftAdapterMixin`` (SD3, FLUX, Wan) use ``add_adapter``; models without it
-    (``StableAudio3DiTModel``) get the same injection through peft (:func:`modalities.policy.inject_peft_lora`),
-    so peft's state-dict helpers work on both.
+    (``StableAudio3DiTModel``) get the same injection through peft
+    (:func:`alignkit.modalities.policy.inject_peft_lora`), so peft's state-dict helpers work on both.
     """
     if callable(getattr(module, "add_adapter", None)):
         module.add_adapter(config)
@@ -245,7 +248,7 @@ class DiffusersFlowSampler(PolicyModule, FlowMatchingSampler):
 
     @property
     def transformer(self) -> torch.nn.Module:
-        """The transformer forwards use (:attr:`modalities.policy.PolicyModule.policy`)."""
+        """The transformer forwards use (:attr:`alignkit.modalities.policy.PolicyModule.policy`)."""
         return self.policy
 
     # --- checkpoints ----------------------------------------------------------------------------------

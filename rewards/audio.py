@@ -2,7 +2,7 @@
 
 Samples are waveforms ``[B, C, T]`` float in [-1, 1] (what audio samplers decode to) at ``sample_rate`` Hz, a
 constructor argument of every reward here (recipes set it from ``backbone.options.sample_rate``, which the
-sampler checks against its VAE). Every reward follows :mod:`alignkit.rewards`: one float per clip, ``None`` when
+sampler checks against its VAE). Every reward follows :mod:`alignkit.reward_set`: one float per clip, ``None`` when
 the clip cannot be scored (masked and counted by the reward set): a clip with a non-finite value, or one too
 short for the reward's analysis window.
 
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modalities.audio.io import resample
-from rewards.preference import pooled, resolve_device, resolve_dtype
+from alignkit.media.audio import resample
+from alignkit.rewards.preference import pooled, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 

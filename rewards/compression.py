@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from rewards.common import to_pil
+from alignkit.rewards.common import to_pil
 
 
 def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> list[float]:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rewards.common import to_uint8
+from alignkit.rewards.common import to_uint8
 
 logger = logging.getLogger(__name__)
 

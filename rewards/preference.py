@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from rewards.common import check_images, to_pil
+from alignkit.rewards.common import check_images, to_pil
 
 logger = logging.getLogger(__name__)
 

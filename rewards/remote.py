@@ -39,7 +39,7 @@ from alignkit.reward_protocol import (
     encode_text,
     parse_json,
 )
-from rewards.common import to_uint8
+from alignkit.rewards.common import to_uint8
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Video rewards: image rewards applied per frame, temporal consistency, and whole-clip rewards.
 
 Samples are videos ``[B, F, 3, H, W]`` float in [0, 1] (what video samplers decode to). Every reward here
-follows the reward interface of :mod:`alignkit.rewards`: one float per video, ``None`` when the video
+follows the reward interface of :mod:`alignkit.reward_set`: one float per video, ``None`` when the video
 cannot be scored (masked and counted by the reward set).
 
 * :class:`PerFrame` adapts any image reward: the ``B*F`` frames are scored as images, then reduced per
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from alignkit.config import RewardTermConfig
 from alignkit.registry import import_object
-from alignkit.rewards import Reward, resolve_reward, to_scores
+from alignkit.reward_set import Reward, resolve_reward, to_scores
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ class ClipReward(ABC):
 
     Subclasses implement :meth:`score_clips`, which receives, per video, either its frames ``[F, 3, H, W]``
     float in [0, 1] (``input="frames"``, on the samples' device) or the path of an mp4 file holding it
-    (``input="mp4"``; written with :func:`modalities.video.io.write_mp4` at ``fps`` into a temporary folder
+    (``input="mp4"``; written with :func:`alignkit.media.video.write_mp4` at ``fps`` into a temporary folder
     that is deleted when the call returns or raises, so do not keep the paths).
     """
 
@@ -326,7 +326,7 @@ class ClipReward(ABC):
         _check_batch(videos.shape[0], prompts, metadata)
         if self.input == "frames":
             return self._checked(self.score_clips(list(videos), prompts, metadata), len(prompts))
-        from modalities.video.io import write_mp4  # lazy: PyAV is only needed for mp4 input
+        from alignkit.media.video import write_mp4  # lazy: PyAV is only needed for mp4 input
 
         with tempfile.TemporaryDirectory(prefix="alignkit_clips_") as tmp:
             paths = [write_mp4(v, Path(tmp) / f"clip_{i:05d}.mp4", fps=self.fps) for i, v in enumerate(videos)]

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from alignkit.recipes import load_run_config
+from alignkit.compose import load_run_config
 from alignkit.trainer import Trainer
 
 

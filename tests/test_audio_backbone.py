@@ -19,15 +19,15 @@ from weight_checks import WeightWatch, plain_lora_name
 
 from alignkit.checkpoint import latest_checkpoint
 from alignkit.config import BackboneConfig, ConfigError, LoraConfig
+from alignkit.media.audio import read_wav
 from alignkit.metrics import read_metrics
+from alignkit.modalities.audio.stable_audio import StableAudio3Sampler, dit_linear_names
+from alignkit.modalities.audio.tiny import TINY_MAX_DURATION, TINY_SAMPLE_RATE, build_tiny_stable_audio3_pipeline
+from alignkit.modalities.diffusers_common import LORA_WEIGHTS_NAME, resolve_pretrained
 from alignkit.plans import Branch, Deterministic
 from alignkit.registry import SAMPLERS
 from alignkit.rollout import RolloutEngine, RolloutRequest, sample_generator
 from alignkit.types import index_batch
-from modalities.audio.io import read_wav
-from modalities.audio.stable_audio import StableAudio3Sampler, dit_linear_names
-from modalities.audio.tiny import TINY_MAX_DURATION, TINY_SAMPLE_RATE, build_tiny_stable_audio3_pipeline
-from modalities.diffusers_common import LORA_WEIGHTS_NAME, resolve_pretrained
 
 PROMPTS = ["a dog barking", "rain on a tin roof"]
 N_STEPS, DURATION = 4, 0.5
@@ -279,7 +279,7 @@ def test_settings_the_checkpoint_cannot_sample_fail_when_it_loads(sa3_folder: Pa
 
 @pytest.mark.integration
 def test_stable_audio_tiny_tempflow_grpo_trains(tmp_path: Path) -> None:
-    from alignkit.recipes import load_run_config
+    from alignkit.compose import load_run_config
     from alignkit.trainer import Trainer
 
     out = tmp_path / "run"

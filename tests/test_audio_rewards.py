@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from alignkit.media.audio import resample
+from alignkit.modalities.image.tiny import build_tiny_tokenizer
 from alignkit.registry import REWARDS
-from modalities.audio.io import resample
-from modalities.image.tiny import build_tiny_tokenizer
-from rewards.audio import CLAPScore, LoudnessRange, SilenceRatio, check_audio, window_levels
+from alignkit.rewards.audio import CLAPScore, LoudnessRange, SilenceRatio, check_audio, window_levels
 
 RATE = 1000
 DB_HALF = 20 * math.log10(0.5)  # level of a constant 0.5 signal: -6.02 dBFS

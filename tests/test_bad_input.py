@@ -22,17 +22,17 @@ import torch
 import alignkit.checkpoint as ckpt_mod
 from alignkit.checkpoint import latest_checkpoint, load_checkpoint
 from alignkit.cli import main
+from alignkit.compose import list_recipes, load_run_config
 from alignkit.config import ConfigError, CreditConfig
 from alignkit.credit import GroupCredit
 from alignkit.distributed import Shard
 from alignkit.errors import CheckpointError, DistributedError, ModelLoadError, RewardError
 from alignkit.metrics import read_metrics
-from alignkit.recipes import list_recipes, load_run_config
-from alignkit.rewards import RewardSet, RewardTerm
+from alignkit.modalities.diffusers_common import LORA_WEIGHTS_NAME, resolve_pretrained
+from alignkit.reward_set import RewardSet, RewardTerm
+from alignkit.rewards.remote import RemoteReward
 from alignkit.trainer import Trainer
 from alignkit.types import SampleKeys
-from modalities.diffusers_common import LORA_WEIGHTS_NAME, resolve_pretrained
-from rewards.remote import RemoteReward
 
 RECIPE = "sd3_tiny_flow_grpo"
 

@@ -7,8 +7,8 @@ import pytest
 import alignkit.credit
 import alignkit.flow
 import alignkit.plans  # noqa: F401  (registers the exploration plans)
+from alignkit.compose import DEFAULT_RECIPE, compose_recipe, list_recipes, load_run_config
 from alignkit.config import ConfigError, RunConfig, build_config
-from alignkit.recipes import DEFAULT_RECIPE, compose_recipe, list_recipes, load_run_config
 from alignkit.registry import (
     CREDIT_ASSIGNERS,
     EXPLORATION_PLANS,
@@ -163,7 +163,7 @@ def test_registering_a_name_taken_by_an_entry_point_raises():
     reg: Registry = Registry("samplers")  # fresh registry over the installed alignkit.samplers entry points
     with pytest.raises(RegistryError):
         reg.add("sd3", object())
-    from modalities.image.sd3 import SD3Sampler
+    from alignkit.modalities.image.sd3 import SD3Sampler
 
     reg.add("sd3", SD3Sampler)  # the entry point's own class may register itself
     assert reg.get("sd3") is SD3Sampler

@@ -12,13 +12,13 @@ from transformers import AutoModelForMaskedLM
 
 from alignkit.config import BackboneConfig, ConfigError, CreditConfig, LoraConfig
 from alignkit.credit import GroupCredit
+from alignkit.modalities.discrete.masked import MASKED_CONFIDENCE, entropy, reveal_schedule
+from alignkit.modalities.discrete.mlm import MaskedLMSampler
+from alignkit.modalities.discrete.tiny import build_char_tokenizer, build_tiny_masked_lm, save_masked_lm
 from alignkit.plans import Branch, Deterministic
 from alignkit.rollout import RolloutEngine, RolloutRequest, sample_generator
 from alignkit.types import index_batch
-from modalities.discrete.arithmetic import PROMPT_LENGTH, all_problems, arithmetic_source, shipped_weights
-from modalities.discrete.masked import MASKED_CONFIDENCE, entropy, reveal_schedule
-from modalities.discrete.mlm import MaskedLMSampler
-from modalities.discrete.tiny import build_char_tokenizer, build_tiny_masked_lm, save_masked_lm
+from alignkit.worlds.arithmetic.world import PROMPT_LENGTH, all_problems, arithmetic_source, shipped_weights
 
 G, N_STEPS = 4, 4  # 3 reveal steps (1, 1, 2 positions) and the final identity step
 PROMPTS = ["12+34=", "9-3="]
@@ -346,7 +346,7 @@ def test_arithmetic_splits_are_disjoint() -> None:
 
 
 def test_shipped_model_reproduces_its_reported_heldout_accuracy() -> None:
-    from modalities.discrete.pretrain import heldout_accuracy
+    from alignkit.worlds.arithmetic.pretrain import heldout_accuracy
 
     folder = shipped_weights()
     info = json.loads((folder / "pretrain_info.json").read_text())
@@ -360,9 +360,9 @@ def test_shipped_model_reproduces_its_reported_heldout_accuracy() -> None:
 
 
 def test_palette_backbone_samples_shapes_images_scored_by_shapeeval(tmp_path: Path) -> None:
-    from modalities.discrete.palette import PALETTE_RGB, MaskedPaletteSampler, build_tiny_palette_model
-    from modalities.image.shapes.world import prompt_set
-    from rewards.shapeeval import ShapeEval
+    from alignkit.worlds.shapes.palette import PALETTE_RGB, MaskedPaletteSampler, build_tiny_palette_model
+    from alignkit.worlds.shapes.shapeeval import ShapeEval
+    from alignkit.worlds.shapes.world import prompt_set
 
     model, tok = build_tiny_palette_model(grid=8, caption_length=8)
     folder = save_masked_lm(model, tok, tmp_path / "palette")

@@ -14,11 +14,11 @@ from transformers import AutoModelForMaskedLM
 from weight_checks import lora_tensors
 
 from alignkit.checkpoint import latest_checkpoint
+from alignkit.compose import load_run_config
 from alignkit.metrics import read_metrics
-from alignkit.recipes import load_run_config
-from alignkit.rewards import RewardSet, RewardTerm
+from alignkit.modalities.discrete.tiny import build_char_tokenizer, build_tiny_masked_lm, save_masked_lm
+from alignkit.reward_set import RewardSet, RewardTerm
 from alignkit.trainer import Trainer
-from modalities.discrete.tiny import build_char_tokenizer, build_tiny_masked_lm, save_masked_lm
 
 pytestmark = pytest.mark.integration
 

@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 from alignkit.checkpoint import latest_checkpoint
+from alignkit.compose import load_run_config
 from alignkit.metrics import read_metrics
-from alignkit.recipes import load_run_config
+from alignkit.modalities.diffusers_common import LORA_WEIGHTS_NAME
 from alignkit.trainer import Trainer
-from modalities.diffusers_common import LORA_WEIGHTS_NAME
 
 pytestmark = pytest.mark.integration
 

@@ -9,11 +9,11 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
 from alignkit.config import BackboneConfig, LoraConfig
+from alignkit.modalities.image.flux import FluxSampler
+from alignkit.modalities.image.sd3 import SD3Sampler
+from alignkit.modalities.image.tiny import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 from alignkit.plans import AllStochastic, Deterministic
 from alignkit.rollout import RolloutEngine, RolloutRequest
-from modalities.image.flux import FluxSampler
-from modalities.image.sd3 import SD3Sampler
-from modalities.image.tiny import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 
 PROMPTS = ["a red circle", "two blue squares"]
 

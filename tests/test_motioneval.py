@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from alignkit.config import PromptsConfig
-from modalities.image.shapes.world import COLORS, IMAGE_SIZE, MIN_GAP, SHAPES
-from modalities.video.shapes.prompts import shapes_video
-from modalities.video.shapes.world import (
+from alignkit.rewards.video import PerFrame
+from alignkit.worlds.moving_shapes.motioneval import CREDITS, MotionEval, motioneval_details, summarize
+from alignkit.worlds.moving_shapes.prompts import shapes_video
+from alignkit.worlds.moving_shapes.world import (
     CATEGORIES,
     MIN_TRAVEL,
     NUM_FRAMES,
@@ -30,9 +31,8 @@ from modalities.video.shapes.world import (
     render_clip,
     split_of,
 )
-from rewards.motioneval import CREDITS, MotionEval, motioneval_details, summarize
-from rewards.shapeeval import ShapeEval
-from rewards.video import PerFrame
+from alignkit.worlds.shapes.shapeeval import ShapeEval
+from alignkit.worlds.shapes.world import COLORS, IMAGE_SIZE, MIN_GAP, SHAPES
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 

@@ -14,9 +14,9 @@ from weight_checks import lora_tensors
 import alignkit.trainer as trainer_mod
 from alignkit.checkpoint import latest_checkpoint, load_checkpoint
 from alignkit.cli import main
+from alignkit.compose import load_run_config
 from alignkit.errors import NonFiniteError
 from alignkit.metrics import read_metrics
-from alignkit.recipes import load_run_config
 from alignkit.trainer import Trainer
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from rewards.ocr import OCRReward, edit_distance, normalize_text, ocr_score, quoted_text, upscale_min_side
+from alignkit.rewards.ocr import OCRReward, edit_distance, normalize_text, ocr_score, quoted_text, upscale_min_side
 
 pytest.importorskip("rapidocr")
 pytest.importorskip("onnxruntime")

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from alignkit.config import RewardTermConfig
-from alignkit.rewards import RewardSet
-from rewards.common import to_pil
-from rewards.preference import (
+from alignkit.reward_set import RewardSet
+from alignkit.rewards.common import to_pil
+from alignkit.rewards.preference import (
     HPS_FILES,
     IMAGEREWARD_MEAN,
     IMAGEREWARD_STD,
@@ -321,7 +321,7 @@ def test_bad_settings_raise(clip_dir: Path, hps_dir: Path, head_state, tmp_path:
 
 
 def test_reward_set_resolves_import_path(clip_dir: Path, images: torch.Tensor):
-    cfg = {"pick": RewardTermConfig(fn="rewards.preference:PickScore", weight=1.0,
+    cfg = {"pick": RewardTermConfig(fn="alignkit.rewards.preference:PickScore", weight=1.0,
                                     kwargs={"model": str(clip_dir), "processor": str(clip_dir), "device": "cpu"})}
     table = RewardSet.from_config(cfg, "sum_then_normalize").score(images, PROMPTS, [{}] * 5)
     assert table.raw["pick"].shape == (5,) and table.invalid["pick"] == 0

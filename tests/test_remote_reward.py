@@ -45,10 +45,10 @@ from alignkit.reward_protocol import (
     encode_text,
 )
 from alignkit.reward_server import RewardServer, make_server, to_reward_input
-from alignkit.rewards import RewardSet, RewardTerm, resolve_reward
-from rewards.common import to_uint8
-from rewards.compression import JpegCompressibility
-from rewards.remote import RemoteReward, RemoteRewardError, encode_batch
+from alignkit.reward_set import RewardSet, RewardTerm, resolve_reward
+from alignkit.rewards.common import to_uint8
+from alignkit.rewards.compression import JpegCompressibility
+from alignkit.rewards.remote import RemoteReward, RemoteRewardError, encode_batch
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"timeout": 2.0, "retries": 2, "backoff": 0.01}  # client settings for servers that answer at once
@@ -388,7 +388,8 @@ def test_client_settings_resolution_and_sample_checks():
                           ({"kind": "video"}, "kind='video'")]:
         with pytest.raises(ValueError, match=match):
             RemoteReward(**{"url": "http://127.0.0.1:1", **kwargs})
-    term = RewardTermConfig(fn="rewards.remote:RemoteReward", kwargs={"url": "http://127.0.0.1:1", "max_batch": 8})
+    term = RewardTermConfig(fn="alignkit.rewards.remote:RemoteReward",
+                            kwargs={"url": "http://127.0.0.1:1", "max_batch": 8})
     resolved = resolve_reward("judge", term)
     assert isinstance(resolved, RemoteReward) and resolved.max_batch == 8
     remote = RemoteReward("http://127.0.0.1:1", kind="text")

@@ -33,7 +33,7 @@ from alignkit.checkpoint import (
 from alignkit.cli import main
 from alignkit.errors import CheckpointError
 from alignkit.metrics import read_metrics
-from modalities.diffusers_common import LORA_WEIGHTS_NAME
+from alignkit.modalities.diffusers_common import LORA_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -64,26 +64,51 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _checkpointed_epoch(out: Path) -> int:
+    """The epoch of the latest checkpoint in ``out`` (0 when none); checkpoints appear by atomic rename."""
+    for _ in range(3):
+        latest = latest_checkpoint(out)
+        if latest is None:
+            return 0
+        try:
+            return int(json.loads((latest / "state.json").read_text())["epoch"])
+        except FileNotFoundError:  # pruned (keep_checkpoints) between the listing and the read
+            continue
+    return 0
+
+
 @pytest.mark.integration
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tmp_path: Path) -> None:
+    """SIGKILL inside epoch ``k + 1`` for a random ``k`` in ``[2, EPOCHS - 4]``: the moment is chosen relative to
+    the run's own checkpoints (a random fraction, below one half, of the last epoch's duration after checkpoint
+    ``k``), so it cannot fall past the end of the run however fast or slow the machine is."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     victim = subprocess.Popen(_run_args(killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    delay = random.Random().uniform(0.0, 2.0)
+    rng = random.Random()
+    k, fraction = rng.randint(2, EPOCHS - 4), rng.uniform(0.0, 0.5)
     report: dict[str, object] = {}
 
-    def kill_at_random() -> None:
-        """SIGKILL the run ``delay`` seconds after its first checkpoint appears."""
+    def kill_inside_epoch_after_checkpoint_k() -> None:
         deadline = time.monotonic() + 240
-        while latest_checkpoint(killed) is None and victim.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        seen: dict[int, float] = {}  # checkpointed epoch -> when it was first seen
+        epoch = 0
+        while victim.poll() is None and time.monotonic() < deadline:
+            epoch = _checkpointed_epoch(killed)
+            seen.setdefault(epoch, time.monotonic())
+            if epoch >= k:
+                break
+            time.sleep(0.005)
         report["first"] = latest_checkpoint(killed)
-        time.sleep(delay)
+        report["epoch_at_k"] = epoch
+        earlier = [t for e, t in seen.items() if e == k - 1]
+        epoch_s = seen.get(k, time.monotonic()) - earlier[0] if earlier else 0.0
+        time.sleep(fraction * epoch_s)
         report["alive"] = victim.poll() is None
         if report["alive"]:
             os.kill(victim.pid, signal.SIGKILL)
         report["rc"] = victim.wait()
 
-    watcher = threading.Thread(target=kill_at_random)
+    watcher = threading.Thread(target=kill_inside_epoch_after_checkpoint_k)
     watcher.start()
     try:
         assert main(_run_args(straight)[3:]) == 0  # the uninterrupted run, in this process meanwhile
@@ -94,9 +119,10 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tmp_path: Path)
             victim.wait()
     first = report.get("first")
     assert first is not None, f"no checkpoint appeared: {victim.stderr.read().decode()}"
-    assert report["alive"], f"the run finished within {delay:.2f} s of its first checkpoint: raise EPOCHS"
+    assert report["epoch_at_k"] == k, f"checkpoint {k} was skipped (saw {report['epoch_at_k']})"
+    assert report["alive"], f"the run ended within half an epoch of checkpoint {k} of {EPOCHS}"
     assert report["rc"] == -signal.SIGKILL
-    logger.info("killed %.3f s after the first checkpoint %s", delay, first)
+    logger.info("killed inside epoch %d (%.2f of the previous epoch's time after its checkpoint)", k + 1, fraction)
     at_kill = latest_checkpoint(killed)
     assert at_kill is not None
     killed_epoch = json.loads((at_kill / "state.json").read_text())["epoch"]

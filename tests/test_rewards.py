@@ -18,8 +18,8 @@ from PIL import Image
 
 from alignkit.config import RewardTermConfig
 from alignkit.registry import REWARDS, RegistryError
-from alignkit.rewards import RewardSet, RewardTerm, resolve_reward
-from rewards.compression import JpegCompressibility, JpegIncompressibility
+from alignkit.reward_set import RewardSet, RewardTerm, resolve_reward
+from alignkit.rewards.compression import JpegCompressibility, JpegIncompressibility
 
 NAN = math.nan
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from modalities.image.shapes.world import (
+from alignkit.worlds.shapes.shapeeval import ShapeEval, shapeeval_details, summarize
+from alignkit.worlds.shapes.world import (
     CATEGORIES,
     COLORS,
     IMAGE_SIZE,
@@ -27,7 +28,6 @@ from modalities.image.shapes.world import (
     sample_spec,
     split_of,
 )
-from rewards.shapeeval import ShapeEval, shapeeval_details, summarize
 
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 

@@ -10,17 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from alignkit.compose import load_run_config
 from alignkit.config import BackboneConfig, LoraConfig
-from alignkit.recipes import load_run_config
-from alignkit.rewards import RewardSet, RewardTerm
+from alignkit.modalities.diffusers_common import resolve_pretrained
+from alignkit.modalities.image.sd3 import SD3Sampler
+from alignkit.reward_set import RewardSet, RewardTerm
 from alignkit.trainer import Trainer, evaluate
-from modalities.diffusers_common import resolve_pretrained
-from modalities.image.sd3 import SD3Sampler
-from modalities.image.shapes.model import WEIGHTS_DIR
-from modalities.image.shapes.pretrain import pretrain
-from modalities.image.shapes.prompts import shapes_source
-from modalities.image.shapes.world import PromptSpec, split_of
-from rewards.shapeeval import ShapeEval
+from alignkit.worlds.shapes.model import WEIGHTS_DIR
+from alignkit.worlds.shapes.pretrain import pretrain
+from alignkit.worlds.shapes.prompts import shapes_source
+from alignkit.worlds.shapes.shapeeval import ShapeEval
+from alignkit.worlds.shapes.world import PromptSpec, split_of
 
 
 def test_prompt_source_splits_and_metadata() -> None:

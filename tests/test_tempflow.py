@@ -12,11 +12,11 @@ import torch
 import alignkit.rollout as rollout_module
 from alignkit.config import BackboneConfig, CreditConfig, LoraConfig
 from alignkit.credit import GroupCredit
+from alignkit.modalities.image.sd3 import SD3Sampler
+from alignkit.modalities.image.tiny import build_tiny_sd3_pipeline
 from alignkit.plans import AllStochastic, Branch, Deterministic, PlanSchedule, Window
 from alignkit.rollout import RolloutEngine, RolloutRequest
 from alignkit.types import index_batch
-from modalities.image.sd3 import SD3Sampler
-from modalities.image.tiny import build_tiny_sd3_pipeline
 
 N_STEPS = 5
 PROMPTS = ["a red circle", "two blue squares"]
@@ -79,7 +79,7 @@ def test_same_branch_noise_gives_the_same_reward(sampler: SD3Sampler, monkeypatc
 
     monkeypatch.setattr(rollout_module, "sample_generator", ignore_child_id)
     rollout = RolloutEngine(sampler, batch_size=64).run(_request(), _branch(children=3))
-    from rewards.compression import JpegCompressibility
+    from alignkit.rewards.compression import JpegCompressibility
 
     rewards = torch.tensor(JpegCompressibility()(rollout.samples, rollout.sample_prompts, rollout.sample_metadata))
     groups = GroupCredit(CreditConfig(group_by="seed")).groups(rollout.keys)
@@ -181,7 +181,7 @@ def test_window_plans() -> None:
 
 
 def test_tempflow_recipe_trains(tmp_path: Path) -> None:
-    from alignkit.recipes import load_run_config
+    from alignkit.compose import load_run_config
     from alignkit.trainer import Trainer
 
     cfg = load_run_config("sd3_tiny_tempflow_grpo", [
@@ -199,8 +199,8 @@ def test_tempflow_recipe_trains(tmp_path: Path) -> None:
 @pytest.mark.parametrize("plan", ["linear", "branch"])
 def test_rewards_scored_during_the_rollout_equal_scoring_at_the_end(sampler: SD3Sampler, plan: str) -> None:
     """Chunks reach the sink while the rollout goes on; the assembled table equals one call on all samples."""
-    from alignkit.rewards import OverlappedScorer, RewardSet, RewardTerm
-    from rewards.compression import JpegCompressibility
+    from alignkit.reward_set import OverlappedScorer, RewardSet, RewardTerm
+    from alignkit.rewards.compression import JpegCompressibility
 
     events: list[str] = []
 

@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from rewards.text import (
+from alignkit.rewards.text import (
     EmbeddingSimilarity,
     ExactMatch,
     NumericMatch,

@@ -1,4 +1,4 @@
-"""Tests for the offline tiny diffusers pipeline builders in ``modalities.image.tiny``."""
+"""Tests for the offline tiny diffusers pipeline builders in ``alignkit.modalities.image.tiny``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
 from peft import LoraConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from modalities.image.tiny import (
+from alignkit.modalities.image.tiny import (
     BOS_TOKEN,
     EOS_TOKEN,
     PAD_TOKEN,

@@ -13,10 +13,10 @@ from weight_checks import WeightWatch, plain_lora_name
 
 from alignkit.checkpoint import latest_checkpoint
 from alignkit.cli import main
+from alignkit.compose import load_run_config
 from alignkit.metrics import read_metrics
-from alignkit.recipes import load_run_config
+from alignkit.modalities.diffusers_common import LORA_WEIGHTS_NAME, absent_components, resolve_pretrained
 from alignkit.trainer import Trainer
-from modalities.diffusers_common import LORA_WEIGHTS_NAME, absent_components, resolve_pretrained
 
 pytestmark = pytest.mark.integration
 

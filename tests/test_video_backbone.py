@@ -16,13 +16,13 @@ from alignkit.checkpoint import latest_checkpoint
 from alignkit.config import BackboneConfig, ConfigError, LoraConfig
 from alignkit.flow import GaussianStep, flow_grpo_step
 from alignkit.metrics import read_metrics
+from alignkit.modalities.diffusers_common import LORA_WEIGHTS_NAME, resolve_pretrained
+from alignkit.modalities.video.tiny import TINY_WAN_FLOW_SHIFT, build_tiny_wan_pipeline
+from alignkit.modalities.video.wan import WanSampler, flow_euler_scheduler
 from alignkit.plans import Branch, Deterministic
 from alignkit.registry import SAMPLERS
 from alignkit.rollout import RolloutEngine, RolloutRequest, sample_generator
 from alignkit.types import index_batch
-from modalities.diffusers_common import LORA_WEIGHTS_NAME, resolve_pretrained
-from modalities.video.tiny import TINY_WAN_FLOW_SHIFT, build_tiny_wan_pipeline
-from modalities.video.wan import WanSampler, flow_euler_scheduler
 
 PROMPTS = ["a red circle", "two blue squares"]
 N_STEPS, FRAMES, SIZE = 4, 9, 32
@@ -206,7 +206,7 @@ def test_bad_video_settings_fail_before_loading(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_wan_tiny_tempflow_grpo_trains(tmp_path: Path) -> None:
-    from alignkit.recipes import load_run_config
+    from alignkit.compose import load_run_config
     from alignkit.trainer import Trainer
 
     out = tmp_path / "run"

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("av")
 
-from modalities.video.io import (
+from alignkit.media.video import (
     PyAVReader,
     VideoReader,
     default_codec,

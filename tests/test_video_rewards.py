@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from alignkit.config import RewardTermConfig
-from alignkit.rewards import RewardSet, RewardTerm, resolve_reward
-from rewards.compression import JpegCompressibility
-from rewards.video import CLIP_MEAN, CLIP_STD, ClipFunction, ClipReward, PerFrame, TemporalConsistency
+from alignkit.reward_set import RewardSet, RewardTerm, resolve_reward
+from alignkit.rewards.compression import JpegCompressibility
+from alignkit.rewards.video import CLIP_MEAN, CLIP_STD, ClipFunction, ClipReward, PerFrame, TemporalConsistency
 
 B, NF, H, W = 2, 4, 32, 32
 CLIP_SIZE = 32  # the tiny CLIP's image_size: frames of this size need no resize
@@ -55,7 +55,7 @@ def test_per_frame_resolves_through_registry_and_kwargs():
     v = videos()
     prompts, meta = args(B)
     kwargs = {"reward": "jpeg_compressibility", "reward_kwargs": {"quality": 30}, "reduce": "min"}
-    term = RewardTermConfig(fn="rewards.video:PerFrame", kwargs=kwargs)
+    term = RewardTermConfig(fn="alignkit.rewards.video:PerFrame", kwargs=kwargs)
     reward = resolve_reward("video_jpeg", term)
     low_q = JpegCompressibility(quality=30)
     expected = [min(low_q(v[b], [prompts[b]] * NF, [meta[b]] * NF)) for b in range(B)]
@@ -192,7 +192,7 @@ def test_temporal_consistency_pixels():
         reward(noise[:, :1], *args(1))
     with pytest.raises(ValueError, match="features='dino'"):
         TemporalConsistency(features="dino")
-    term = RewardTermConfig(fn="rewards.video:TemporalConsistency", kwargs={"features": "pixels"})
+    term = RewardTermConfig(fn="alignkit.rewards.video:TemporalConsistency", kwargs={"features": "pixels"})
     assert resolve_reward("tc", term)(constant, *args(1)) == pytest.approx([1.0])
 
 
@@ -205,7 +205,7 @@ def test_temporal_consistency_bad_model(tmp_path: Path):
 
 
 def test_clip_function_mp4_receives_readable_file():
-    from modalities.video.io import frames_to_uint8, read_video
+    from alignkit.media.video import frames_to_uint8, read_video
 
     v = videos(f=5, h=32, w=48)
     seen: list[Path] = []

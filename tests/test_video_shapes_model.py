@@ -13,21 +13,21 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from safetensors.torch import load_file
 from weight_checks import WeightWatch
 
+from alignkit.compose import load_run_config
 from alignkit.config import BackboneConfig, LoraConfig
+from alignkit.media.video import read_video
 from alignkit.metrics import read_metrics
+from alignkit.modalities.diffusers_common import resolve_pretrained
+from alignkit.modalities.video.tiny import build_tiny_wan_pipeline
+from alignkit.modalities.video.wan import WanSampler, compression
 from alignkit.plans import Deterministic
-from alignkit.recipes import load_run_config
-from alignkit.rewards import RewardSet, RewardTerm
+from alignkit.reward_set import RewardSet, RewardTerm
 from alignkit.rollout import RolloutEngine, RolloutRequest, sample_generator
 from alignkit.trainer import Trainer, evaluate
-from modalities.diffusers_common import resolve_pretrained
-from modalities.video.io import read_video
-from modalities.video.shapes.model import WEIGHTS_DIR
-from modalities.video.shapes.pretrain import pretrain
-from modalities.video.shapes.prompts import shapes_video
-from modalities.video.tiny import build_tiny_wan_pipeline
-from modalities.video.wan import WanSampler, compression
-from rewards.motioneval import MotionEval
+from alignkit.worlds.moving_shapes.model import WEIGHTS_DIR
+from alignkit.worlds.moving_shapes.motioneval import MotionEval
+from alignkit.worlds.moving_shapes.pretrain import pretrain
+from alignkit.worlds.moving_shapes.prompts import shapes_video
 
 RECIPE = "shapes_video_tempflow_grpo"
 LATENT = (8, 5, 8, 8)  # [C, f, h, w] of a 9-frame 32 x 32 clip: 4x space, 2x time

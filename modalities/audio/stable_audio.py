@@ -22,8 +22,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableAudio3DiTModel, Sta
 from diffusers.pipelines.stable_audio_3.pipeline_stable_audio_3 import logsnr_sigma_schedule
 
 from alignkit.config import BackboneConfig, ConfigError
+from alignkit.modalities.diffusers_common import DiffusersFlowSampler, register_builtin
 from alignkit.types import Conditioning
-from modalities.diffusers_common import DiffusersFlowSampler, register_builtin
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class StableAudio3Sampler(DiffusersFlowSampler):
 
     def save_samples(self, samples: Any, captions: Sequence[str], path: Path) -> Path | None:
         """Amplitude plots at ``path`` (PNG) and one wav per sample at :attr:`sample_rate` beside it."""
-        from modalities.audio.io import save_previews
+        from alignkit.media.audio import save_previews
 
         return save_previews(samples, captions, path, self.sample_rate)
 
@@ -231,6 +231,6 @@ class StableAudio3Sampler(DiffusersFlowSampler):
 @register_builtin("tiny-stable-audio-3")
 def _tiny_stable_audio_3() -> StableAudio3Pipeline:
     """A tiny random Stable Audio 3 pipeline (8 kHz stereo, Euler scheduler as the base checkpoint), built offline."""
-    from modalities.audio.tiny import build_tiny_stable_audio3_pipeline
+    from alignkit.modalities.audio.tiny import build_tiny_stable_audio3_pipeline
 
     return build_tiny_stable_audio3_pipeline(seed=0)

@@ -2,7 +2,8 @@
 
 Components (all random, seeded): a 2-layer ``StableAudio3DiTModel`` of width 32 (2 heads, 2 memory tokens, 8 latent
 channels), a ``StableAudio3DurationEmbedder`` of width 32, a 2-layer T5Gemma encoder of width 32 over the in-process
-word-level tokenizer (:func:`modalities.image.tiny.build_tiny_tokenizer`, 16 tokens) and a 1-level ``AutoencoderSAME``
+word-level tokenizer (:func:`alignkit.modalities.image.tiny.build_tiny_tokenizer`, 16 tokens) and a 1-level
+``AutoencoderSAME``
 (patch 16 x stride 4: 64 audio samples per latent frame, stereo) at :data:`TINY_SAMPLE_RATE` Hz. One second of audio
 is 8000 samples per channel, latents ``[8, 125]``. Meant for tests, demos and benchmarks, not for meaningful audio.
 """
@@ -19,7 +20,7 @@ from diffusers import (
 )
 from transformers import T5GemmaConfig, T5GemmaEncoderModel
 
-from modalities.image.tiny import _finalize, build_tiny_tokenizer
+from alignkit.modalities.image.tiny import _finalize, build_tiny_tokenizer
 
 __all__ = ["TINY_MAX_DURATION", "TINY_SAMPLE_RATE", "build_tiny_stable_audio3_pipeline"]
 

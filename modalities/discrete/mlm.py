@@ -10,7 +10,7 @@ Backbone options (``backbone.options``): ``gen_length`` (generated positions, de
 (``masked_fraction`` / ``entropy`` / ``uniform``, the exploration scale used by noise-aware weighting),
 ``schedule`` (``cosine`` / ``linear``), ``end_token`` (the token that fills the generated region after
 the text; default the tokenizer's EOS, else SEP). ``algo.noise_level`` is the sampling temperature and
-``algo.step_kind`` must be ``masked_confidence`` (see :mod:`modalities.discrete.masked`).
+``algo.step_kind`` must be ``masked_confidence`` (see :mod:`alignkit.modalities.discrete.masked`).
 
 Trainable weights: LoRA on ``backbone.lora.target_modules`` (peft's ``inject_adapter_in_model``) or,
 with LoRA disabled, the whole model; the reference model for the KL term is the adapter-disabled model
@@ -28,10 +28,10 @@ from safetensors.torch import load_file, save_file
 
 from alignkit.config import BackboneConfig, ConfigError
 from alignkit.fsdp import module_state
+from alignkit.modalities.diffusers_common import DTYPES, looks_like_hub_id, resolve_pretrained
+from alignkit.modalities.discrete.masked import SCALES, SCHEDULES, MaskedDiffusionSampler
+from alignkit.modalities.policy import PolicyModule, float_trainable
 from alignkit.types import Conditioning
-from modalities.diffusers_common import DTYPES, looks_like_hub_id, register_builtin, resolve_pretrained
-from modalities.discrete.masked import SCALES, SCHEDULES, MaskedDiffusionSampler
-from modalities.policy import PolicyModule, float_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -258,11 +258,3 @@ class MaskedLMSampler(PolicyModule, MaskedDiffusionSampler):
                 raise ValueError(f"{files[0]} does not match the model: unexpected keys {unexpected[:3]}, "
                                  f"missing {untied[:3]}")
         float_trainable(self.model)
-
-
-@register_builtin("arithmetic", shipped=True)
-def _arithmetic() -> Path:
-    """The pretrained arithmetic masked LM shipped in ``modalities/discrete/weights/arithmetic``."""
-    from modalities.discrete.arithmetic import shipped_weights
-
-    return shipped_weights()

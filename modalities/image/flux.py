@@ -11,8 +11,8 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from alignkit.flow import randn
+from alignkit.modalities.diffusers_common import DiffusersFlowSampler, register_builtin
 from alignkit.types import Conditioning
-from modalities.diffusers_common import DiffusersFlowSampler, register_builtin
 
 
 class FluxSampler(DiffusersFlowSampler):
@@ -83,6 +83,6 @@ class FluxSampler(DiffusersFlowSampler):
 @register_builtin("tiny-flux")
 def _tiny_flux() -> FluxPipeline:
     """A tiny random FLUX pipeline (designed for 64 px; the CPU recipes sample 32 px), built offline."""
-    from modalities.image.tiny import build_tiny_flux_pipeline
+    from alignkit.modalities.image.tiny import build_tiny_flux_pipeline
 
     return build_tiny_flux_pipeline(seed=0)

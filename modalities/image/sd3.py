@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 from diffusers import StableDiffusion3Pipeline
 
+from alignkit.modalities.diffusers_common import DiffusersFlowSampler, register_builtin
 from alignkit.types import Conditioning
-from modalities.diffusers_common import DiffusersFlowSampler, register_builtin
 
 
 class SD3Sampler(DiffusersFlowSampler):
@@ -64,14 +63,6 @@ class SD3Sampler(DiffusersFlowSampler):
 @register_builtin("tiny-sd3")
 def _tiny_sd3() -> StableDiffusion3Pipeline:
     """A tiny random SD3 pipeline (designed for 64 px; the CPU recipes sample 32 px), built offline."""
-    from modalities.image.tiny import build_tiny_sd3_pipeline
+    from alignkit.modalities.image.tiny import build_tiny_sd3_pipeline
 
     return build_tiny_sd3_pipeline(seed=0)
-
-
-@register_builtin("shapes", shipped=True)
-def _shapes() -> Path:
-    """The pretrained shapes-world model shipped in ``modalities/image/shapes/weights``."""
-    from modalities.image.shapes.model import shipped_weights
-
-    return shipped_weights()

@@ -460,7 +460,7 @@ def load_tiny_pipeline(
     Returns:
         The loaded pipeline with its progress bar disabled.
     """
-    from modalities.diffusers_common import absent_components
+    from alignkit.modalities.diffusers_common import absent_components
 
     path = Path(path)
     kwargs = {**absent_components(str(path)), **kwargs}

@@ -1,1 +1,1 @@
-"""Video modality: mp4 input/output (:mod:`modalities.video.io`) and video backbones."""
+"""Video modality: mp4 input/output (:mod:`alignkit.media.video`) and video backbones."""

@@ -3,7 +3,7 @@
 Component sizes follow diffusers' own Wan pipeline tests (``tests/pipelines/wan/test_wan.py``): a 2-layer
 ``WanTransformer3DModel`` (2 heads of 12 dims, patch ``(1, 2, 2)``), an ``AutoencoderKLWan`` with base width 3
 that compresses 8x in space and 4x in time, and a 2-layer UMT5 encoder of width 32 whose word-level tokenizer
-is built in-process (:func:`modalities.image.tiny.build_tiny_tokenizer`). Call it with ``height`` and
+is built in-process (:func:`alignkit.modalities.image.tiny.build_tiny_tokenizer`). Call it with ``height`` and
 ``width`` multiples of 16 and ``num_frames = 4k + 1`` (e.g. 32 x 32 px, 9 frames: latents ``[B, 16, 3, 4, 4]``).
 """
 
@@ -21,7 +21,7 @@ from diffusers import (
 )
 from transformers import UMT5Config, UMT5EncoderModel
 
-from modalities.image.tiny import _finalize, build_tiny_tokenizer, tiny_t5_settings
+from alignkit.modalities.image.tiny import _finalize, build_tiny_tokenizer, tiny_t5_settings
 
 __all__ = ["TINY_WAN_FLOW_SHIFT", "WAN_1_3B", "WAN_MID", "build_tiny_wan_pipeline", "tiny_umt5_encoder"]
 
@@ -67,7 +67,7 @@ def build_tiny_wan_pipeline(
         seed: Seed for all random weights; the global torch RNG state is restored afterwards.
         scheduler: ``"unipc"``: ``UniPCMultistepScheduler`` with flow sigmas (shift 3), as the released
             Wan2.1 diffusers checkpoints ship it; ``"euler"``: ``FlowMatchEulerDiscreteScheduler`` (shift 3),
-            the scheduler whose steps :class:`modalities.video.wan.WanSampler`'s ODE reproduces exactly.
+            the scheduler whose steps :class:`alignkit.modalities.video.wan.WanSampler`'s ODE reproduces exactly.
         dtype: Dtype of every module.
         transformer_kwargs: ``WanTransformer3DModel`` arguments replacing the tiny ones (e.g.
             ``WAN_MID["transformer"]``); its ``text_dim`` is also the UMT5 encoder's width.

@@ -12,14 +12,14 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
 from alignkit.config import BackboneConfig, ConfigError
-from alignkit.types import Conditioning
-from modalities.diffusers_common import (
-    SHIPPED,
+from alignkit.modalities.diffusers_common import (
     DiffusersFlowSampler,
     builtin_cache_dir,
+    is_shipped,
     register_builtin,
     resolve_pretrained,
 )
+from alignkit.types import Conditioning
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def _local_folder(pretrained: str) -> Path | None:
     """The local pipeline folder ``pretrained`` names, when it can be read without loading or building it."""
     if pretrained.startswith("builtin:"):
         name = pretrained.removeprefix("builtin:")
-        if name in SHIPPED:
+        if is_shipped(name):
             try:
                 return Path(resolve_pretrained(pretrained))
             except FileNotFoundError:  # weights not built: loading raises with the command that builds them
@@ -203,8 +203,8 @@ class WanSampler(DiffusersFlowSampler):
 
     def save_samples(self, samples: Any, captions: Sequence[str], path: Path) -> Path | None:
         """Frame strips at ``path`` (PNG) and one mp4 per clip at :attr:`preview_fps` in a folder beside it
-        (:func:`modalities.video.io.save_previews`): the trainer's ``samples/eval_before/000.mp4``, ..."""
-        from modalities.video.io import save_previews
+        (:func:`alignkit.media.video.save_previews`): the trainer's ``samples/eval_before/000.mp4``, ..."""
+        from alignkit.media.video import save_previews
 
         return save_previews(samples, captions, path, self.preview_fps)
 
@@ -222,14 +222,6 @@ class WanSampler(DiffusersFlowSampler):
 @register_builtin("tiny-wan")
 def _tiny_wan() -> WanPipeline:
     """A tiny random Wan2.1-style pipeline (UniPC flow scheduler, as released; 32 px, 9 frames), built offline."""
-    from modalities.video.tiny import build_tiny_wan_pipeline
+    from alignkit.modalities.video.tiny import build_tiny_wan_pipeline
 
     return build_tiny_wan_pipeline(seed=0)
-
-
-@register_builtin("shapes-video", shipped=True)
-def _shapes_video() -> Path:
-    """The pretrained moving-shapes video model shipped in ``modalities/video/shapes/weights``."""
-    from modalities.video.shapes.model import shipped_weights
-
-    return shipped_weights()

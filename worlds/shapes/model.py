@@ -3,7 +3,7 @@
 Two CLIP text encoders over a word-level tokenizer of the world's vocabulary (built in-process), a
 4-channel KL autoencoder (32 px -> 16 x 16 latents) and an MMDiT (``SD3Transformer2DModel``) over the
 latents. It is a stock ``StableDiffusion3Pipeline`` (without T5), so the SD3 adapter serves it unchanged.
-Pretrained weights ship in ``weights/`` (see :mod:`modalities.image.shapes.pretrain`).
+Pretrained weights ship in ``weights/`` (see :mod:`alignkit.worlds.shapes.pretrain`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextModelWithProjection
 
-from modalities import shipped_folder
-from modalities.image.shapes.world import IMAGE_SIZE, VOCAB_WORDS
-from modalities.image.tiny import build_tiny_tokenizer, clip_text_config
+from alignkit.modalities.image.tiny import build_tiny_tokenizer, clip_text_config
+from alignkit.worlds.common import shipped_folder
+from alignkit.worlds.shapes.world import IMAGE_SIZE, VOCAB_WORDS
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 """The shipped pretrained pipeline folder (``save_pretrained`` layout, safetensors)."""
@@ -69,4 +69,4 @@ def shipped_weights() -> Path:
         FileNotFoundError: naming the pretraining command when the folder is missing.
     """
     return shipped_folder(WEIGHTS_DIR, "model_index.json", "shapes-world pipeline",
-                          "python -m modalities.image.shapes.pretrain")
+                          "python -m alignkit.worlds.shapes.pretrain")

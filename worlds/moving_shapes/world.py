@@ -1,8 +1,8 @@
 """The moving-shapes world: captions of coloured shapes moving in stated directions, and procedural clips.
 
 A clip is ``num_frames`` (default :data:`NUM_FRAMES`) frames of ``IMAGE_SIZE`` px squares drawn exactly like
-the image world (:mod:`modalities.image.shapes.world`: white background, crisp palette shapes from
-:func:`~modalities.image.shapes.world.shape_mask`, radii in ``RADIUS_RANGE``). Each object keeps its
+the image world (:mod:`alignkit.worlds.shapes.world`: white background, crisp palette shapes from
+:func:`~alignkit.worlds.shapes.world.shape_mask`, radii in ``RADIUS_RANGE``). Each object keeps its
 colour, shape and radius and moves at constant speed along its caption's direction: ``left`` / ``right``
 (x) or ``up`` / ``down`` (y, image rows grow downwards). Its perpendicular coordinate is fixed.
 
@@ -19,10 +19,10 @@ Caption categories:
 * ``two_object``: "a blue square moving up and a green triangle moving right": two objects with distinct
   colour-shape pairs, any directions (2112 captions).
 
-The category names match the image world's, so :class:`~rewards.shapeeval.ShapeEval` applied per frame
-(:class:`~rewards.video.PerFrame`) reads this world's metadata as the corresponding still-image prompt.
+The category names match the image world's, so :class:`~alignkit.worlds.shapes.shapeeval.ShapeEval` applied per frame
+(:class:`~alignkit.rewards.video.PerFrame`) reads this world's metadata as the corresponding still-image prompt.
 
-Held-out captions: the image world's rule (:func:`~modalities.image.shapes.world.split_of`: SHA-256 of the
+Held-out captions: the image world's rule (:func:`~alignkit.worlds.shapes.world.split_of`: SHA-256 of the
 caption text 0 mod 5), applied to the video captions: 446 of the 2160 (21%; 11 single, 435 two_object).
 :func:`prompt_set` draws from one split only.
 """
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modalities.image.shapes.world import (
+from alignkit.worlds.shapes.world import (
     BACKGROUND,
     COLORS,
     IMAGE_SIZE,
@@ -51,8 +51,8 @@ from modalities.image.shapes.world import (
     shape_mask,
     split_of,
 )
-from modalities.image.shapes.world import VOCAB_WORDS as IMAGE_VOCAB_WORDS
-from modalities.image.shapes.world import parse_caption as parse_image_caption
+from alignkit.worlds.shapes.world import VOCAB_WORDS as IMAGE_VOCAB_WORDS
+from alignkit.worlds.shapes.world import parse_caption as parse_image_caption
 
 __all__ = [
     "CATEGORIES", "DIRECTIONS", "IMAGE_SIZE", "NUM_FRAMES", "SPLITS", "VOCAB_WORDS", "WORLD", "MotionPath",

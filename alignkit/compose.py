@@ -25,7 +25,7 @@ def _store_base_config() -> None:
 
 
 def recipes_dir() -> Path:
-    import recipes
+    from alignkit import recipes
 
     return Path(recipes.__file__).parent
 

@@ -19,15 +19,14 @@ from typing import Any
 
 from alignkit.config import PromptsConfig
 from alignkit.prompts import PromptSet
-from modalities import shipped_folder
-from modalities.image.shapes.prompts import split_prompt_sets
+from alignkit.worlds.common import shipped_folder, split_prompt_sets
 
 CATEGORIES = ("add", "sub")
 MAX_OPERAND = 99
 HELDOUT_MODULUS = 5
 PROMPT_LENGTH = 6  # "99+99="
 ANSWER_LENGTH = 4  # up to 3 digits and at least one end token
-WEIGHTS_DIR = Path(__file__).parent / "weights" / "arithmetic"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
 """The shipped pretrained model folder (``save_pretrained`` layout: model, tokenizer, ``pretrain_info.json``)."""
 
 
@@ -93,4 +92,5 @@ def shipped_weights() -> Path:
     Raises:
         FileNotFoundError: naming the pretraining command when the folder is missing.
     """
-    return shipped_folder(WEIGHTS_DIR, "config.json", "arithmetic model", "python -m modalities.discrete.pretrain")
+    return shipped_folder(WEIGHTS_DIR, "config.json", "arithmetic model",
+                          "python -m alignkit.worlds.arithmetic.pretrain")

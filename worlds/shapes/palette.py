@@ -2,11 +2,11 @@
 
 Each of the ``grid x grid`` generated positions is one cell of the image and takes one of the palette
 tokens ``<white> <red> <green> <blue> <yellow>`` (the shapes world's background and colours,
-:mod:`modalities.image.shapes.world`); no other token can be revealed there. Decoding maps tokens to RGB and
+:mod:`alignkit.worlds.shapes.world`); no other token can be revealed there. Decoding maps tokens to RGB and
 upsamples each cell to a square of ``backbone.height / grid`` pixels, giving images ``[B, 3, H, W]`` in
 [0, 1] that image rewards such as ShapeEval score. The caption is the prompt prefix (word-level tokens),
 never masked. Everything else (schedule, reveal rule, log-probs, scales, LoRA, checkpoints) is
-:class:`~modalities.discrete.mlm.MaskedLMSampler`'s.
+:class:`~alignkit.modalities.discrete.mlm.MaskedLMSampler`'s.
 
 Backbone options: ``grid`` (cells per side, default 8; ``G = grid^2``), ``scale``, ``schedule``.
 """
@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from modalities.discrete.mlm import OPTIONS, MaskedLMSampler
-from modalities.discrete.tiny import build_tiny_masked_lm, build_word_tokenizer
-from modalities.image.shapes.world import BACKGROUND, PALETTE, VOCAB_WORDS
+from alignkit.modalities.discrete.mlm import OPTIONS, MaskedLMSampler
+from alignkit.modalities.discrete.tiny import build_tiny_masked_lm, build_word_tokenizer
+from alignkit.worlds.shapes.world import BACKGROUND, PALETTE, VOCAB_WORDS
 
 PALETTE_RGB: dict[str, tuple[int, int, int]] = {"white": BACKGROUND, **PALETTE}
 PALETTE_TOKENS: tuple[str, ...] = tuple(f"<{name}>" for name in PALETTE_RGB)

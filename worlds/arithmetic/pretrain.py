@@ -1,6 +1,6 @@
 """Pretrain the arithmetic masked LM on CPU, reproducibly, and write the shipped weights.
 
-    python -m modalities.discrete.pretrain [--out DIR] [--steps 1500] [--batch 128] [--layers 3] [--seed 0]
+    python -m alignkit.worlds.arithmetic.pretrain [--out DIR] [--steps 1500] [--batch 128] [--layers 3] [--seed 0]
 
 A character tokenizer (built in-process) and a tiny ``BertForMaskedLM`` are trained with the masked
 diffusion loss on training-split problems only: per example a masking rate ``t ~ U(0, 1)``, each of the
@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from alignkit.config import BackboneConfig, LoraConfig
+from alignkit.modalities.discrete.mlm import MaskedLMSampler, encode_prefix, encode_targets
+from alignkit.modalities.discrete.tiny import build_char_tokenizer, build_tiny_masked_lm, save_masked_lm
 from alignkit.prompts import PromptSet
-from alignkit.rewards import RewardSet, RewardTerm
+from alignkit.reward_set import RewardSet, RewardTerm
+from alignkit.rewards.text import ExactMatch
 from alignkit.trainer import evaluate
-from modalities.discrete.arithmetic import ANSWER_LENGTH, PROMPT_LENGTH, WEIGHTS_DIR, all_problems, problem_set
-from modalities.discrete.mlm import MaskedLMSampler, encode_prefix, encode_targets
-from modalities.discrete.tiny import build_char_tokenizer, build_tiny_masked_lm, save_masked_lm
-from rewards.text import ExactMatch
+from alignkit.worlds.arithmetic.world import ANSWER_LENGTH, PROMPT_LENGTH, WEIGHTS_DIR, all_problems, problem_set
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ def pretrain(out: Path, *, steps: int, batch: int, lr: float, seed: int, hidden:
     save_masked_lm(model, tokenizer, out)
     seconds = time.perf_counter() - start
     info = {
-        "command": f"python -m modalities.discrete.pretrain --steps {steps} --batch {batch} --lr {lr} --seed {seed} "
+        "command": f"python -m alignkit.worlds.arithmetic.pretrain --steps {steps} --batch {batch} --lr {lr} "
+                   f"--seed {seed} "
                    f"--hidden {hidden} --layers {layers}",
         "final_loss": float(loss.detach()), "train_seconds": round(seconds, 1),
         "threads": torch.get_num_threads(), "parameters": sum(p.numel() for p in model.parameters()),

@@ -3,7 +3,7 @@
 Detection (numpy only), on images ``[B, 3, H, W]`` in [0, 1] scaled to 0-255:
 
 1. Pixel colours. The references are white and the four palette colours of
-   :mod:`modalities.image.shapes.world`. A pixel takes palette colour ``c`` when ``c`` is its nearest
+   :mod:`alignkit.worlds.shapes.world`. A pixel takes palette colour ``c`` when ``c`` is its nearest
    reference and clearly so: ``d(c) < color_margin * d(r)`` for every other reference ``r`` (white and the
    other three colours), Euclidean RGB distance, ``color_margin = 0.5``. Otherwise it is background. So a
    colour/white blend counts once it is at least 2/3 colour, a pixel between two palette colours (orange
@@ -17,7 +17,7 @@ Detection (numpy only), on images ``[B, 3, H, W]`` in [0, 1] scaled to 0-255:
    side under ``min_side = 4`` px (rendered boxes are 9-13 px) or an aspect ratio above ``max_aspect = 2``
    is too small or thin to have a shape: it is an object of shape ``"blob"``, which matches no shape.
 
-Scoring, per prompt (its :class:`~modalities.image.shapes.world.PromptSpec`), with named 0/1 credits so
+Scoring, per prompt (its :class:`~alignkit.worlds.shapes.world.PromptSpec`), with named 0/1 credits so
 that an image contradicting the caption in exactly one attribute loses exactly that credit:
 
 * ``single`` / ``count`` (``n`` objects of colour ``c``, shape ``s``): ``count`` (exactly ``n`` objects
@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modalities.image.shapes.world import (
+from alignkit.worlds.shapes.world import (
     BACKGROUND,
     CATEGORIES,
     PALETTE,

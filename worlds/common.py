@@ -1,35 +1,35 @@
-"""Shapes-world prompt source: ``prompts.source=shapes``.
-
-Training prompts come from the world's training split and evaluation prompts from its held-out split;
-each carries its :class:`~modalities.image.shapes.world.PromptSpec` as metadata for ShapeEval. Options
-(``prompts.options``): ``train_size`` / ``eval_size`` (prompt counts), ``seed``, ``categories`` (a subset
-of ``single``, ``count``, ``two_object``, ``position``).
-"""
+"""What the worlds share: the check of a shipped pretrained folder and the train / held-out prompt split."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from alignkit.config import PromptsConfig
 from alignkit.prompts import PromptSet
-from modalities.image.shapes.world import CATEGORIES, prompt_set
 
 _OPTIONS = ("train_size", "eval_size", "seed", "categories")
 
 
-def shapes_source(cfg: PromptsConfig) -> tuple[PromptSet, PromptSet]:
-    """``(train, heldout)`` prompt sets of the shapes world, with metadata."""
-    return split_prompt_sets(cfg, "shapes", prompt_set, CATEGORIES, default_eval_size=64)
+def shipped_folder(folder: Path, marker: str, what: str, command: str) -> Path:
+    """A pretrained model folder shipped inside the package, checked for its ``marker`` file.
+
+    Raises:
+        FileNotFoundError: naming ``what`` is missing and the pretraining ``command`` that rebuilds it.
+    """
+    if not (folder / marker).is_file():
+        raise FileNotFoundError(f"the {what} is missing from {folder}; rebuild it with `{command}`")
+    return folder
 
 
 def split_prompt_sets(
     cfg: PromptsConfig, source: str, draw: Callable[..., Sequence[Any]], categories_all: Sequence[str],
     default_eval_size: int,
 ) -> tuple[PromptSet, PromptSet]:
-    """Train / held-out prompt sets drawn by ``draw(n, seed, split, categories=...)`` from a shapes world.
+    """Train / held-out prompt sets drawn by ``draw(n, seed, split, categories=...)`` from a world.
 
-    Shared by the image and video worlds; ``source`` names the prompt source in error messages.
+    Shared by every world; ``source`` names the prompt source in error messages.
     """
     opts = dict(cfg.options)
     unknown = sorted(set(opts) - set(_OPTIONS))

@@ -1,7 +1,7 @@
 """Moving-shapes prompt source: ``prompts.source=shapes_video``.
 
 Training prompts come from the world's training split and evaluation prompts from its held-out split;
-each carries its :class:`~modalities.video.shapes.world.MotionSpec` as metadata for MotionEval. Options
+each carries its :class:`~alignkit.worlds.moving_shapes.world.MotionSpec` as metadata for MotionEval. Options
 (``prompts.options``): ``train_size`` / ``eval_size`` (prompt counts), ``seed``, ``categories`` (a subset
 of ``single``, ``two_object``). The number of frames is the sampler's setting, not the prompts'.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from alignkit.config import PromptsConfig
 from alignkit.prompts import PromptSet
-from modalities.image.shapes.prompts import split_prompt_sets
-from modalities.video.shapes.world import CATEGORIES, prompt_set
+from alignkit.worlds.common import split_prompt_sets
+from alignkit.worlds.moving_shapes.world import CATEGORIES, prompt_set
 
 
 def shapes_video(cfg: PromptsConfig) -> tuple[PromptSet, PromptSet]:

@@ -4,10 +4,10 @@ A 2-layer UMT5 encoder over a word-level tokenizer of the world's vocabulary (bu
 causal 3-D autoencoder (``AutoencoderKLWan``) that compresses 4x in space and 2x in time (32 px, 9 frames ->
 8 channels x 5 x 8 x 8 latents: Wan's released 8x / 4x would leave a 4 px shape one latent cell) and a
 ``WanTransformer3DModel`` over the latents (patch ``(1, 2, 2)``: 5 x 4 x 4 = 80 tokens per clip). It is a
-stock ``WanPipeline`` with the flow-matching Euler scheduler, so :class:`~modalities.video.wan.WanSampler`
+stock ``WanPipeline`` with the flow-matching Euler scheduler, so :class:`~alignkit.modalities.video.wan.WanSampler`
 serves it unchanged and its ODE reproduces ``pipe(...)``; the pipeline reads the compression from the VAE's
 ``scale_factor_temporal`` / ``scale_factor_spatial``, so ``num_frames`` must be ``2k + 1`` (e.g. 9).
-Pretrained weights ship in ``weights/`` (see :mod:`modalities.video.shapes.pretrain`).
+Pretrained weights ship in ``weights/`` (see :mod:`alignkit.worlds.moving_shapes.pretrain`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
-from modalities import shipped_folder
-from modalities.image.tiny import build_tiny_tokenizer
-from modalities.video.shapes.world import IMAGE_SIZE, VOCAB_WORDS
-from modalities.video.tiny import tiny_umt5_encoder
+from alignkit.modalities.image.tiny import build_tiny_tokenizer
+from alignkit.modalities.video.tiny import tiny_umt5_encoder
+from alignkit.worlds.common import shipped_folder
+from alignkit.worlds.moving_shapes.world import IMAGE_SIZE, VOCAB_WORDS
 
 __all__ = [
     "LATENT_CHANNELS", "NUM_FRAMES", "SCALE_SPATIAL", "SCALE_TEMPORAL", "TOKEN_LENGTH", "WEIGHTS_DIR",
@@ -91,4 +91,4 @@ def shipped_weights() -> Path:
         FileNotFoundError: naming the pretraining command when the folder is missing.
     """
     return shipped_folder(WEIGHTS_DIR, "model_index.json", "moving-shapes video pipeline",
-                          "python -m modalities.video.shapes.pretrain")
+                          "python -m alignkit.worlds.moving_shapes.pretrain")

@@ -1,7 +1,7 @@
 """What the shapes worlds' pretraining commands share: captioned batches, the autoencoder loop, the flow loop.
 
-The image world (:mod:`modalities.image.shapes.pretrain`) and the video world
-(:mod:`modalities.video.shapes.pretrain`) train an autoencoder on rendered samples, then a text-conditioned
+The image world (:mod:`alignkit.worlds.shapes.pretrain`) and the video world
+(:mod:`alignkit.worlds.moving_shapes.pretrain`) train an autoencoder on rendered samples, then a text-conditioned
 velocity model with the rectified-flow loss on its latents. The loops are the same for both; each world
 passes its renderer, its tensor layout and how its pipeline encodes captions and calls its transformer.
 Everything random is drawn from generators seeded by the caller, so a run is reproducible bit for bit at a

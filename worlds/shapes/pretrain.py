@@ -1,6 +1,6 @@
 """Pretrain the shapes-world model on CPU, reproducibly, and write the shipped weights.
 
-    python -m modalities.image.shapes.pretrain [--out DIR] [--vae-steps 600] [--steps 4000] [--batch 32]
+    python -m alignkit.worlds.shapes.pretrain [--out DIR] [--vae-steps 600] [--steps 4000] [--batch 32]
 
 Stage 1 trains the KL autoencoder on rendered images (MSE + a small KL term), then fixes the latent
 ``shift_factor`` / ``scaling_factor`` from latent statistics. Stage 2 trains the MMDiT and both text
@@ -8,7 +8,7 @@ encoders jointly with the rectified-flow loss ``|v(x_sigma, sigma) - (eps - x0)|
 autoencoder's latents, sigma from a logit-normal, dropping 10% of captions (for CFG). Only training-split
 captions are used; held-out captions (``prompt_set(..., split="heldout")``) never are. Everything random
 is drawn from generators seeded by ``--seed``; with the same thread count the result is bit-identical. The
-loops are shared with the video world (:mod:`modalities.pretrain_common`).
+loops are shared with the video world (:mod:`alignkit.worlds.pretrain_common`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from modalities.image.shapes.model import T5_TOKENS, WEIGHTS_DIR, build_shapes_pipeline
-from modalities.image.shapes.world import prompt_set, render_batch
-from modalities.pretrain_common import caption_batches, train_autoencoder, train_rectified_flow
+from alignkit.worlds.pretrain_common import caption_batches, train_autoencoder, train_rectified_flow
+from alignkit.worlds.shapes.model import T5_TOKENS, WEIGHTS_DIR, build_shapes_pipeline
+from alignkit.worlds.shapes.world import prompt_set, render_batch
 
 logger = logging.getLogger(__name__)
 

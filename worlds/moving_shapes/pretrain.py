@@ -1,17 +1,18 @@
 """Pretrain the moving-shapes video model on CPU, reproducibly, and write the shipped weights.
 
-    python -m modalities.video.shapes.pretrain [--out DIR] [--vae-image-steps 500] [--vae-steps 250] [--steps 3500]
+    python -m alignkit.worlds.moving_shapes.pretrain [--out DIR] [--vae-image-steps 500] [--vae-steps 250] \
+        [--steps 3500]
 
 Stage 1 trains the Wan autoencoder on rendered still frames, then on 9-frame clips (MSE + a small KL term), then
 fixes its
 per-channel ``latents_mean`` / ``latents_std`` from latent statistics. Stage 2 encodes a pool of
 ``--pool`` rendered clips once with the frozen autoencoder and trains the Wan transformer and the UMT5
 encoder jointly on it with the rectified-flow loss, dropping 10% of captions (for CFG); the loops are the
-image world's (:mod:`modalities.pretrain_common`). Only training-split captions are used; held-out
+image world's (:mod:`alignkit.worlds.pretrain_common`). Only training-split captions are used; held-out
 captions (``prompt_set(..., split="heldout")``) never are. Everything random is drawn from generators
 seeded by ``--seed``; with the same thread count the result is bit-identical. The run ends by sampling the
 held-out prompts of ``recipes/shapes_video_tempflow_grpo.yaml`` deterministically through
-:class:`~modalities.video.wan.WanSampler` and writing their MotionEval to ``pretrain_info.json``. The step
+:class:`~alignkit.modalities.video.wan.WanSampler` and writing their MotionEval to ``pretrain_info.json``. The step
 counts are deliberately short: the shipped model is decent but imperfect, so that reinforcement learning
 has something to improve.
 """
@@ -28,9 +29,9 @@ from pathlib import Path
 import torch
 from diffusers import WanPipeline
 
-from modalities.pretrain_common import caption_batches, train_autoencoder, train_rectified_flow
-from modalities.video.shapes.model import NUM_FRAMES, TOKEN_LENGTH, WEIGHTS_DIR, build_shapes_video_pipeline
-from modalities.video.shapes.world import prompt_set, render_batch
+from alignkit.worlds.moving_shapes.model import NUM_FRAMES, TOKEN_LENGTH, WEIGHTS_DIR, build_shapes_video_pipeline
+from alignkit.worlds.moving_shapes.world import prompt_set, render_batch
+from alignkit.worlds.pretrain_common import caption_batches, train_autoencoder, train_rectified_flow
 
 __all__ = ["heldout_motioneval", "latent_pool", "pretrain", "train_flow", "train_vae"]
 
@@ -156,12 +157,12 @@ def heldout_motioneval(folder: Path, *, num_prompts: int | None = None) -> dict[
     Uses the backbone and evaluation settings of :data:`RECIPE` (prompts, seeds per prompt, evaluation seed,
     steps, guidance), so the numbers equal that recipe's "before training" evaluation.
     """
-    from alignkit.recipes import load_run_config
-    from alignkit.rewards import RewardSet, RewardTerm
+    from alignkit.compose import load_run_config
+    from alignkit.modalities.video.wan import WanSampler
+    from alignkit.reward_set import RewardSet, RewardTerm
     from alignkit.trainer import evaluate
-    from modalities.video.shapes.prompts import shapes_video
-    from modalities.video.wan import WanSampler
-    from rewards.motioneval import MotionEval
+    from alignkit.worlds.moving_shapes.motioneval import MotionEval
+    from alignkit.worlds.moving_shapes.prompts import shapes_video
 
     cfg = load_run_config(RECIPE, [f"backbone.pretrained={folder}"])
     sampler = WanSampler.from_config(cfg.backbone, step_kind=cfg.algo.step_kind, noise_level=cfg.algo.noise_level,

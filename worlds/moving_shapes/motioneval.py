@@ -1,8 +1,8 @@
 """MotionEval: a programmatic reward for the moving-shapes video world, by plain image processing.
 
 Clips ``[B, F, 3, H, W]`` in [0, 1] are read frame by frame with ShapeEval's detector
-(:func:`rewards.shapeeval.detect`: palette colour classification, 4-connected components, shape classes
-from the fill ratio; thresholds in :class:`~rewards.shapeeval.DetectorConfig`).
+(:func:`alignkit.worlds.shapes.shapeeval.detect`: palette colour classification, 4-connected components, shape classes
+from the fill ratio; thresholds in :class:`~alignkit.worlds.shapes.shapeeval.DetectorConfig`).
 
 Tracking. In each frame the caption's objects (one or two) are matched to distinct detections: a detection
 matches an object with score 2 for the same colour and shape, 1 for one of them, and only with score 1 or
@@ -39,8 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from modalities.video.shapes.world import DIRECTIONS, MotionSpec, MovingObject, parse_caption
-from rewards.shapeeval import (
+from alignkit.rewards.video import check_videos
+from alignkit.worlds.moving_shapes.world import DIRECTIONS, MotionSpec, MovingObject, parse_caption
+from alignkit.worlds.shapes.shapeeval import (
     DEFAULT_DETECTOR,
     DetectedObject,
     DetectorConfig,
@@ -50,7 +51,6 @@ from rewards.shapeeval import (
     spec_of_sample,
     summarize,
 )
-from rewards.video import check_videos
 
 __all__ = [
     "CREDITS", "DEFAULT_MOTION", "MODES", "MotionConfig", "MotionEval", "motioneval_details", "object_credits",
@@ -197,8 +197,8 @@ def motioneval_details(
 
 
 def resolve_spec(prompt: str, metadata: Mapping[str, Any] | None) -> MotionSpec | None:
-    """The moving-shapes spec of one sample (:func:`rewards.shapeeval.spec_of_sample`); None for a caption
-    of no moving-shapes world.
+    """The moving-shapes spec of one sample (:func:`alignkit.worlds.shapes.shapeeval.spec_of_sample`); None for a
+    caption of no moving-shapes world.
 
     Raises:
         ValueError: when the metadata carries a malformed spec (or one of another world).
@@ -214,8 +214,8 @@ class MotionEval:
 
     Args:
         mode: ``"partial"`` (mean credit, in [0, 1]) or ``"strict"`` (1.0 when every credit meets its threshold).
-        detector: per-frame detector thresholds (a :class:`~rewards.shapeeval.DetectorConfig` or a dict of its
-            fields).
+        detector: per-frame detector thresholds (a :class:`~alignkit.worlds.shapes.shapeeval.DetectorConfig` or a dict
+            of its fields).
         motion: motion thresholds (a :class:`MotionConfig` or a dict of its fields).
     """
 

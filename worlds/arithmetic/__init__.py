@@ -1,0 +1,1 @@
+"""The arithmetic world: "37+48=" -> "85" with a shipped masked-diffusion LM (``builtin:arithmetic``)."""
