@@ -4,8 +4,14 @@ Layout of ``<output_dir>/checkpoints/step-<global step>/``:
 
 * ``trainable/`` the sampler's own weights format (LoRA: diffusers ``pytorch_lora_weights.safetensors``);
 * ``state.safetensors`` optimizer moments, EMA weights, RNG states;
-* ``state.json`` epoch, global step, counters, optimizer hyper-parameters, LR scheduler, the Python and
-  NumPy RNG states and a manifest (relative path -> size in bytes) of every other file.
+* ``state.json`` epoch, global step, counters, optimizer hyper-parameters, LR scheduler, loss scaler, the
+  training prompts' fingerprint, the composed config, the Python and NumPy RNG states and a manifest
+  (relative path -> size in bytes) of every other file.
+
+A run's checkpoint is written by :func:`save_training_checkpoint` and read back by
+:func:`open_checkpoint` (once, before the trainable module is sharded or wrapped: it loads the trainable
+weights) and :func:`restore_checkpoint` (optimizer, scheduler, scaler, EMA, counters, RNG; it also drops
+rows of ``metrics.jsonl`` written after the checkpoint).
 
 A checkpoint is written into ``step-<N>.tmp``, every file and folder is fsynced, and the folder is renamed
 into place (then its parent fsynced), so a crash at any moment leaves either the complete checkpoint or a
@@ -17,6 +23,8 @@ only after the new one is in place, and a failed write (a full disk) leaves ever
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +32,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +40,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from alignkit.config import RunConfig, to_dict
+from alignkit.distributed import Shard
+from alignkit.ema import EMA
 from alignkit.errors import CheckpointError
+from alignkit.fsdp import gather_full, shard_optimizer_state, trainable_state
+from alignkit.interfaces import Sampler
+from alignkit.metrics import read_metrics
+from alignkit.prompts import PromptSet
 
 logger = logging.getLogger(__name__)
 
@@ -262,3 +278,192 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     meta = json.loads((path / STATE_JSON).read_text())
     set_rng_state(tensors, meta)
     return tensors, meta
+
+
+# --- a run's training state ---------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Progress counters, saved in every checkpoint (``history`` is not: it is re-read from metrics.jsonl).
+
+    Attributes:
+        epoch: completed epochs; also the position in the prompt source (epoch ``e`` draws its prompts
+            from a generator seeded by ``(seed, e)``).
+        global_step: optimizer steps taken.
+        nonfinite_skipped: optimizer steps skipped because a loss or the gradient was NaN / inf.
+        scale_overflows: fp16 steps skipped by the loss scaler (gradients overflowed; it lowered its scale);
+            not counted as non-finite.
+        consecutive_nonfinite: skipped steps since the last good one (``train.max_nonfinite_steps`` bounds it).
+        nfe_total: model evaluations of all processes so far.
+        seconds_total: training wall time so far (rollout to update; evaluation excluded).
+        history: this process's per-epoch metrics.
+    """
+
+    epoch: int = 0
+    global_step: int = 0
+    nonfinite_skipped: int = 0
+    scale_overflows: int = 0
+    consecutive_nonfinite: int = 0
+    nfe_total: int = 0
+    seconds_total: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointParts:
+    """The objects whose state a run's checkpoint holds besides :class:`TrainState`.
+
+    Attributes:
+        sampler: writes and loads the trainable weights.
+        optimizer: the (accelerate-prepared) optimizer.
+        lr_scheduler: its learning-rate schedule.
+        scaler: the fp16 loss scaler, or None.
+        ema: the EMA of the trainable weights, or None.
+        fsdp: whether the trainable module and optimizer state are sharded over the processes.
+    """
+
+    sampler: Sampler
+    optimizer: Any
+    lr_scheduler: Any
+    scaler: Any | None
+    ema: EMA | None
+    fsdp: bool
+
+
+@dataclass
+class OpenedCheckpoint:
+    """A checkpoint read by :func:`open_checkpoint`, its trainable weights already loaded.
+
+    Attributes:
+        path: the ``step-<N>`` folder.
+        tensors: ``state.safetensors`` (optimizer moments ``optim.*``, EMA ``ema.*``, RNG ``rng.*``).
+        meta: ``state.json``.
+    """
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+def prompt_fingerprint(prompts: PromptSet) -> str:
+    """sha256 of the training prompts and their metadata (a resumed run must draw from the same source)."""
+    body = json.dumps([prompts.prompts, prompts.metadata], sort_keys=True, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def save_training_checkpoint(output_dir: Path, state: TrainState, parts: CheckpointParts, *, prompts: PromptSet,
+                             cfg: RunConfig, shard: Shard, is_main: bool) -> Path | None:
+    """Write a checkpoint of everything the next epoch depends on. Call it on every process: sharded state
+    (``train.sharding=fsdp``) is gathered from all of them; the main process writes and returns the folder
+    (None elsewhere).
+
+    Raises:
+        CheckpointError: on every process, when the write failed; earlier checkpoints are intact.
+    """
+    failure, written = None, None
+    try:
+        written = _write_training_checkpoint(output_dir, state, parts, prompts=prompts, cfg=cfg, shard=shard,
+                                             is_main=is_main)
+    except CheckpointError as exc:
+        failure = str(exc)
+    failures = [f for f in shard.gather(failure) if f]
+    if failures:
+        raise CheckpointError(failures[0])
+    return written
+
+
+def _write_training_checkpoint(output_dir: Path, state: TrainState, parts: CheckpointParts, *,
+                               prompts: PromptSet, cfg: RunConfig, shard: Shard, is_main: bool) -> Path | None:
+    opt_state = parts.optimizer.state_dict()
+    ema = parts.ema.state_dict() if parts.ema is not None else {}
+    params = None
+    if parts.fsdp:
+        opt_state, ema = gather_full(opt_state), gather_full(ema)
+        params = trainable_state(parts.sampler.trainable_module())
+    if not is_main:
+        return None
+    opt_tensors, opt_meta = optimizer_to_flat(opt_state)
+    tensors = {**opt_tensors, **ema}
+    s = state
+    meta = {
+        "epoch": s.epoch, "global_step": s.global_step, "nonfinite_skipped": s.nonfinite_skipped,
+        "scale_overflows": s.scale_overflows,
+        "grad_scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
+        "consecutive_nonfinite": s.consecutive_nonfinite, "nfe_total": s.nfe_total,
+        "seconds_total": s.seconds_total, "optimizer": opt_meta, "lr_scheduler": parts.lr_scheduler.state_dict(),
+        "prompts": {"fingerprint": prompt_fingerprint(prompts), "count": len(prompts),
+                    "drawn": s.epoch * cfg.train.prompts_per_epoch},
+        "world_size": shard.world_size, "config": to_dict(cfg),
+    }
+    return save_checkpoint(output_dir, s.global_step,
+                           write_trainable=functools.partial(parts.sampler.save_trainable, params=params),
+                           tensors=tensors, meta=meta, keep=cfg.train.keep_checkpoints)
+
+
+def open_checkpoint(output_dir: Path, prompts: PromptSet, sampler: Sampler) -> OpenedCheckpoint | None:
+    """Read the latest checkpoint of ``output_dir`` (None when there is none) and load its trainable weights
+    into ``sampler``: call it before the trainable module is sharded or wrapped; the rest is restored by
+    :func:`restore_checkpoint` once the optimizer exists.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be read, or was written for other training prompts.
+    """
+    path = latest_checkpoint(output_dir)
+    if path is None:
+        return None
+    tensors, meta = load_checkpoint(path)
+    saved = meta.get("prompts", {}).get("fingerprint")
+    if saved is not None and saved != prompt_fingerprint(prompts):
+        raise CheckpointError(
+            f"checkpoint {path} was written for other training prompts (fingerprint {saved}, now "
+            f"{prompt_fingerprint(prompts)}); resuming would not continue that run. Use a new "
+            "output_dir, or set train.resume=false to start afresh in this one"
+        )
+    try:
+        sampler.load_trainable(path / "trainable")
+    except Exception as exc:  # safetensors, peft and the adapter each raise their own types
+        raise CheckpointError(f"checkpoint {path}: the trainable weights cannot be loaded ({exc}); delete the "
+                              "folder to resume from an older checkpoint") from exc
+    return OpenedCheckpoint(path, tensors, meta)
+
+
+def restore_checkpoint(opened: OpenedCheckpoint, parts: CheckpointParts, *, output_dir: Path, is_main: bool,
+                       barrier: Callable[[], None]) -> TrainState:
+    """Restore the optimizer, LR scheduler, loss scaler, EMA and global RNG states from ``opened`` and return
+    its counters; the rows of ``metrics.jsonl`` written after the checkpoint (epochs that will be trained
+    again) are dropped (:func:`truncate_metrics`). Call it on every process."""
+    tensors, meta = opened.tensors, opened.meta
+    set_rng_state(tensors, meta)  # again: whatever was drawn since the checkpoint was opened is undone
+    parts.optimizer.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
+    if parts.fsdp:
+        shard_optimizer_state(parts.optimizer.optimizer)
+    parts.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    if parts.ema is not None:
+        parts.ema.load_state_dict({k: v for k, v in tensors.items() if k.startswith("ema.")})
+    if parts.scaler is not None and meta.get("grad_scaler"):
+        parts.scaler.load_state_dict(meta["grad_scaler"])
+    state = TrainState(
+        epoch=meta["epoch"], global_step=meta["global_step"], nonfinite_skipped=meta.get("nonfinite_skipped", 0),
+        scale_overflows=meta.get("scale_overflows", 0), consecutive_nonfinite=meta.get("consecutive_nonfinite", 0),
+        nfe_total=meta.get("nfe_total", 0), seconds_total=meta.get("seconds_total", 0.0),
+    )
+    state.history = truncate_metrics(output_dir, state.epoch, is_main=is_main, barrier=barrier)
+    logger.info("resumed from %s (epoch %d, step %d)", opened.path, state.epoch, state.global_step)
+    return state
+
+
+def truncate_metrics(output_dir: Path, epoch: int, *, is_main: bool,
+                     barrier: Callable[[], None]) -> list[dict[str, float]]:
+    """Keep the ``metrics.jsonl`` rows of epochs ``<= epoch`` (the main process rewrites the file atomically,
+    then every process waits at ``barrier``); returns the kept rows of trained epochs."""
+    path = Path(output_dir) / "metrics.jsonl"
+    rows = read_metrics(path) if path.is_file() else []
+    kept = [r for r in rows if r.get("epoch", 0) <= epoch]
+    if is_main and len(kept) < len(rows):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
+        os.replace(tmp, path)
+        logger.info("metrics.jsonl: dropped %d rows written after the checkpoint", len(rows) - len(kept))
+    barrier()
+    return [r for r in kept if r.get("epoch", 0) >= 1 and "reward/score_mean" in r]

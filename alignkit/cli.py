@@ -54,9 +54,10 @@ def cmd_train(args: list[str]) -> int:
 def cmd_eval(args: list[str]) -> int:
     import torch
 
+    from alignkit.build import build_sampler, resolve_device
+    from alignkit.evaluation import evaluate
     from alignkit.prompts import load_prompts
     from alignkit.reward_set import RewardSet
-    from alignkit.trainer import build_sampler, evaluate, resolve_device
 
     recipe, overrides = _split(args)
     cfg = load_run_config(recipe, overrides)

@@ -74,8 +74,10 @@ class CreditAssigner(ABC):
         """``[S]`` long group ids (also used by group-normalising reward aggregation)."""
 
     @abstractmethod
-    def assign(self, score: torch.Tensor, keys: SampleKeys, transitions: Transitions) -> Credit:
-        """Advantages ``[M]`` and weights ``[M]`` from ``score`` ``[S]`` (NaN = no valid reward)."""
+    def assign(self, score: torch.Tensor, keys: SampleKeys, transitions: Transitions,
+               groups: torch.Tensor | None = None) -> Credit:
+        """Advantages ``[M]`` and weights ``[M]`` from ``score`` ``[S]`` (NaN = no valid reward); ``groups``
+        ``[S]`` are :meth:`groups` of ``keys`` when already computed (e.g. for reward aggregation)."""
 
 
 @CREDIT_ASSIGNERS.register("group")
@@ -93,8 +95,13 @@ class GroupCredit(CreditAssigner):
     def groups(self, keys: SampleKeys) -> torch.Tensor:
         return group_ids(keys, self.cfg.group_by)
 
-    def assign(self, score: torch.Tensor, keys: SampleKeys, transitions: Transitions) -> Credit:
-        groups = self.groups(keys)
+    def assign(self, score: torch.Tensor, keys: SampleKeys, transitions: Transitions,
+               groups: torch.Tensor | None = None) -> Credit:
+        if groups is None:
+            groups = self.groups(keys)
+        elif groups.shape != score.shape:
+            raise ValueError(f"credit groups have shape {tuple(groups.shape)}, the scores {tuple(score.shape)}: "
+                             "pass the group ids of the same samples (CreditAssigner.groups(keys))")
         sample_adv, zero_std = group_normalize(score, groups, std=self.cfg.std, eps=self.cfg.eps)  # [S]
         adv = sample_adv[transitions.sample_index]  # [M]
         mask = ~torch.isnan(adv)  # [M]

@@ -12,12 +12,13 @@ The world size is read from the launched processes (``accelerate launch``), neve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
-from alignkit.errors import DistributedError
+from alignkit.errors import DistributedError, RewardError
 from alignkit.reward_set import RewardTable
 from alignkit.types import SampleKeys, Transitions
 
@@ -80,6 +81,22 @@ class Shard:
             else:
                 dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+
+def on_every_process(shard: Shard, fn: Callable[[], T]) -> T:
+    """``fn()`` (scoring); an exception on any process raises :class:`RewardError` on every process, so that
+    none waits in a later collective for one that failed (one process: ``fn()`` as it is)."""
+    if not shard.distributed:
+        return fn()
+    result, failure = None, None
+    try:
+        result = fn()
+    except Exception as exc:
+        failure = f"process {shard.rank}: {type(exc).__name__}: {exc}"
+    failures = [f for f in shard.gather(failure) if f]
+    if failures:
+        raise RewardError(failures[0])
+    return result  # type: ignore[return-value]
 
 
 def canonical_order(transitions: Transitions, num_steps: int) -> Transitions:

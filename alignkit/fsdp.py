@@ -17,7 +17,7 @@ What the trainer does differently under FSDP (:class:`alignkit.trainer.Trainer`)
   (:func:`gather_full`) and the main process writes them in the same format as an unsharded run; loading
   shards them again (:func:`shard_like`). Trainable weights are loaded before sharding;
 - held-out evaluation is split over the processes in blocks of equal size (padded), as under DDP, so every
-  process runs as many forwards (:meth:`alignkit.trainer.Trainer.evaluate_heldout`).
+  process runs as many forwards (:func:`alignkit.evaluation.evaluate_heldout`).
 """
 
 from __future__ import annotations

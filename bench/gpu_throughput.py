@@ -145,12 +145,14 @@ def measure(algo: str, *, tiny: bool, prompts: int, out: Path, peak_tflops: floa
     def epoch(e: int) -> dict[str, float]:
         _sync(device)
         t0 = time.perf_counter()
-        rollout, _ = trainer.rollout(e)
+        rolled = trainer.rollout(e)
+        rollout = rolled.rollout
         _sync(device)
         t1 = time.perf_counter()
-        _, _, credit = trainer.score(rollout)
+        gathered = trainer.score(rolled)
+        credit = trainer.assign_credit(gathered).credit
         t2 = time.perf_counter()
-        stats = trainer.optimize(rollout, credit, e)
+        stats = trainer.optimize(rollout, gathered, credit, e)
         _sync(device)
         t3 = time.perf_counter()
         trained = int(credit.mask.sum()) * cfg.train.inner_epochs
@@ -177,7 +179,7 @@ def measure(algo: str, *, tiny: bool, prompts: int, out: Path, peak_tflops: floa
     sampler.train(True)
 
     def train_step() -> None:
-        trainer._minibatch_loss(rollout, credit, rows).loss.backward()
+        trainer.updater.minibatch_loss(rollout, credit, rows).loss.backward()
 
     train_flops = _flops(train_step) / tb
     trainer.optimizer.zero_grad(set_to_none=True)

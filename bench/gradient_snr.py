@@ -52,7 +52,7 @@ def gradient(trainer: Trainer, rollout, credit, rows: torch.Tensor) -> torch.Ten
         p.grad = None
     trainer.sampler.train(True)
     for chunk in torch.split(rows, trainer.cfg.train.train_batch_size):
-        out = trainer._minibatch_loss(rollout, credit, chunk)
+        out = trainer.updater.minibatch_loss(rollout, credit, chunk)
         (out.loss * len(chunk) / len(rows)).backward()
     trainer.sampler.train(False)
     return torch.cat([p.grad.flatten() for p in trainer.params])
@@ -67,9 +67,11 @@ def measure(method: str, epochs: int, workdir: Path, extra: list[str]) -> dict[s
     halves, full, sizes, totals = [], [], [], []
     per_step: dict[int, dict[str, float]] = {}
     for epoch in range(epochs):
-        rollout, _ = trainer.rollout(epoch)
-        _, _, credit = trainer.score(rollout)
-        groups = trainer.credit.groups(rollout.keys)[rollout.transitions.sample_index]  # [M]
+        rolled = trainer.rollout(epoch)
+        rollout = rolled.rollout
+        scored = trainer.assign_credit(trainer.score(rolled))
+        credit = scored.credit
+        groups = scored.groups[rollout.transitions.sample_index]  # [M]
         rows = torch.nonzero(credit.mask & (credit.advantage != 0)).flatten()
         a, b = half_split(groups, rows, torch.Generator().manual_seed(epoch))
         ga, gb = gradient(trainer, rollout, credit, a), gradient(trainer, rollout, credit, b)

@@ -53,9 +53,9 @@ def make_trainer(size: str, workdir: Path) -> Trainer:
 
 def framework_epoch(trainer: Trainer, epoch: int) -> float:
     t0 = time.perf_counter()
-    rollout, _ = trainer.rollout(epoch)
-    _, _, credit = trainer.score(rollout)
-    trainer.optimize(rollout, credit, epoch)
+    rolled = trainer.rollout(epoch)
+    gathered = trainer.score(rolled)
+    trainer.optimize(rolled.rollout, gathered, trainer.assign_credit(gathered).credit, epoch)
     return time.perf_counter() - t0
 
 

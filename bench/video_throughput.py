@@ -145,19 +145,21 @@ def run_case(size: str, folder: str, checkpointing: bool, device: str, dtype: st
         for rep in range(warmup + reps):
             with PeakMemory(dev, base) as mem_rollout:
                 t0 = time.perf_counter()
-                rollout, _ = trainer.rollout(rep)
+                rolled = trainer.rollout(rep)
+                rollout = rolled.rollout
                 _sync(dev)
                 t_rollout = time.perf_counter() - t0
-            _, _, credit = trainer.score(rollout)
+            gathered = trainer.score(rolled)
+            credit = trainer.assign_credit(gathered).credit
             with PeakMemory(dev, base) as mem_train:
                 t0 = time.perf_counter()
-                trainer.optimize(rollout, credit, rep)
+                trainer.optimize(rollout, gathered, credit, rep)
                 _sync(dev)
                 t_train = time.perf_counter() - t0
             clips, transitions = rollout.samples.shape[0], len(rollout.transitions)
             rows.append({"rollout_s": t_rollout, "train_s": t_train, "clips": clips, "transitions": transitions,
                          "nfe": rollout.nfe, "rollout_peak": mem_rollout.peak, "train_peak": mem_train.peak})
-            del rollout, credit
+            del rolled, rollout, gathered, credit
     timed = rows[warmup:]
     med = {k: statistics.median(r[k] for r in timed) for k in timed[0]}
     # memory: the highest level over every epoch (the first one allocates; later ones reuse freed pages)
