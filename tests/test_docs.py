@@ -111,8 +111,8 @@ def test_registries_reference_lists_every_registered_name(pages: dict[str, str])
 
 def test_metrics_reference_lists_the_catalogue(pages: dict[str, str]) -> None:
     page = pages["reference/metrics.md"]
-    for metric in METRICS:
-        assert f"| `{metric.pattern}` |" in page
+    for pattern, meaning in METRICS.items():
+        assert f"| `{pattern}` | {_one_line(meaning)} |" in page
 
 
 @pytest.mark.integration

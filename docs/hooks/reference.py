@@ -286,12 +286,13 @@ def metrics_page() -> str:
            "`alignkit.metrics.METRICS`; a test trains a tiny model and checks that every logged key is listed "
            "here and every entry is logged.\n"]
     section = None
-    for metric in METRICS:
-        if metric.section != section:
-            section = metric.section
-            heading = "Row counters" if section == "row" else f"`{section}/`"
+    for pattern, meaning in METRICS.items():
+        prefix = pattern.split("/", 1)[0] if "/" in pattern else ""
+        if prefix != section:
+            section = prefix
+            heading = f"`{prefix}/`" if prefix else "Row counters"
             out += ["", f"## {heading}\n", "| key | meaning |", "|---|---|"]
-        out.append(f"| `{metric.pattern}` | {cell(metric.meaning)} |")
+        out.append(f"| `{pattern}` | {cell(meaning)} |")
     out.append("")
     return "\n".join(out)
 
