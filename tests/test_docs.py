@@ -132,9 +132,10 @@ def test_the_site_builds_strictly_with_the_generated_pages(tmp_path: Path) -> No
 
 # --- what the prose cites exists ------------------------------------------------------------------------------
 
-PROSE = [REPO / "README.md", *sorted(DOCS.rglob("*.md")),
-         *(REPO / folder / "README.md" for folder in ("alignkit", "modalities", "rewards", "worlds", "recipes",
-                                                      "bench", "tests"))]
+READMES = [REPO / folder / "README.md" for folder in ("alignkit", "modalities", "rewards", "worlds", "recipes", "bench",
+                                                     "tests")]
+PROSE = [REPO / "README.md", *sorted(DOCS.rglob("*.md")), *READMES, *sorted((REPO / "recipes").rglob("*.yaml"))]
+"""Everything whose text cites paths and commands: the READMEs, the docs pages and the recipes' comments."""
 PATH = re.compile(r"(?<![\w./-])((?:alignkit|modalities|rewards|worlds|recipes|bench|tests|docs)/[\w./-]*)")
 RECIPE = re.compile(r"alignkit (?:train|eval) ([a-z0-9_]+)(?![\w=])")
 MODULE = re.compile(r"python3? -m (alignkit[\w.]*)")
@@ -151,8 +152,8 @@ def _cited(pattern: re.Pattern[str]) -> list[tuple[str, str]]:
 
 
 def test_every_package_folder_has_a_readme() -> None:
-    missing = [p for p in PROSE if not p.is_file()]
-    assert not missing
+    missing = [p.relative_to(REPO).as_posix() for p in READMES if not p.is_file()]
+    assert not missing, f"package folders without a README.md: {missing}"
 
 
 def test_the_readme_is_short_and_its_links_resolve() -> None:
