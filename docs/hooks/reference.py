@@ -260,7 +260,7 @@ def registries_page() -> str:
     for title, setting, group, rows in registry_tables():
         out += [f"## {title}\n", f"Named by {setting}; entry-point group `{group}`.\n",
                 "| name | object | summary |", "|---|---|---|"]
-        out += [f"| `{name}` | `{where}` | {cell(text)} |" for name, where, text in rows]
+        out += [f"| `{name}` | `{where}` | {cell(text) or '(no docstring)'} |" for name, where, text in rows]
         out.append("")
     out += ["## Builtin models\n",
             "Named by `backbone.pretrained=builtin:<name>`. Shipped folders come from the `alignkit.models` entry "
