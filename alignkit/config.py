@@ -28,11 +28,13 @@ class ConfigError(ValueError):
 class LoraConfig:
     """LoRA adapter on the policy network (peft)."""
 
-    enabled: bool = True
-    rank: int = 32
-    alpha: float = 64.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    enabled: bool = field(default=True, metadata={"help": "Train a LoRA adapter (true) or the whole network (false)."})
+    rank: int = field(default=32, metadata={"help": "LoRA rank r of each adapted layer."})
+    alpha: float = field(default=64.0, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha / rank)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        metadata={"help": "Names (suffixes) of the Linear layers that get an adapter, e.g. [to_q,to_v]."})
 
     def validate(self, path: str, problems: list[str]) -> None:
         if self.enabled:
@@ -55,24 +57,33 @@ class BackboneConfig:
     ``vae_tiling`` / ``vae_slicing`` decode in spatial tiles / one sample at a time to save memory.
     """
 
-    name: str = "???"
-    pretrained: str = "???"
-    revision: str | None = None
-    variant: str | None = None
-    dtype: str = "float32"
-    trust_remote_code: bool = False
-    height: int = 512
-    width: int = 512
-    num_frames: int = 1
-    num_steps: int = 10
-    guidance_scale: float = 4.5
-    negative_prompt: str = ""
-    max_sequence_length: int = 256
-    gradient_checkpointing: bool = False
-    vae_tiling: bool = False
-    vae_slicing: bool = False
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    options: dict[str, Any] = field(default_factory=dict)
+    name: str = field(default="???", metadata={"help": "Backbone adapter (sampler) name: alignkit list samplers."})
+    pretrained: str = field(default="???", metadata={
+        "help": "Model to load: a hub id 'org/name', a local pipeline folder or builtin:<name> (a shipped model)."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) to load."})
+    variant: str | None = field(default=None, metadata={"help": "Weights variant to load, e.g. fp16."})
+    dtype: str = field(default="float32", metadata={
+        "help": "Weights dtype of the frozen model: float32, bfloat16 or float16."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow a hub model's own Python code to run when it loads; only set for a model you trust."})
+    height: int = field(default=512, metadata={"help": "Sample height in pixels (a positive multiple of 8)."})
+    width: int = field(default=512, metadata={"help": "Sample width in pixels (a positive multiple of 8)."})
+    num_frames: int = field(default=1, metadata={
+        "help": "Frames per sample for video backbones (e.g. 4k + 1 for Wan); image backbones ignore it."})
+    num_steps: int = field(default=10, metadata={
+        "help": "Denoising steps N of the sampling schedule (>= 2; the last step never trains)."})
+    guidance_scale: float = field(default=4.5, metadata={
+        "help": "Classifier-free guidance scale in sampling and in the training forward (1 disables CFG)."})
+    negative_prompt: str = field(default="", metadata={"help": "Negative prompt of the unconditional CFG branch."})
+    max_sequence_length: int = field(default=256, metadata={
+        "help": "Longest prompt in tokens for the text encoder (the prompt prefix length of masked LMs)."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute activations in the backward to save training memory (slower)."})
+    vae_tiling: bool = field(default=False, metadata={"help": "Decode in spatial tiles to save memory."})
+    vae_slicing: bool = field(default=False, metadata={"help": "Decode one sample at a time to save memory."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "The LoRA adapter on the policy network."})
+    options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Adapter-specific settings, checked by the adapter (e.g. flow_shift for Wan, scale for masked LMs)."})
 
     def validate(self, path: str, problems: list[str]) -> None:
         for key in ("name", "pretrained"):
@@ -96,9 +107,11 @@ class BackboneConfig:
 class RewardTermConfig:
     """One named reward of the reward set: a registry name or ``package.module:callable``."""
 
-    fn: str = "???"
-    weight: float = 1.0
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    fn: str = field(default="???", metadata={
+        "help": "The reward: a registry name (alignkit list rewards) or an import path 'package.module:callable'."})
+    weight: float = field(default=1.0, metadata={"help": "Weight of this reward in the aggregated score."})
+    kwargs: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Keyword arguments for the reward (a class gets them once; a function at every call)."})
 
     def validate(self, path: str, problems: list[str]) -> None:
         if self.fn in ("???", ""):
@@ -112,19 +125,24 @@ class PlanConfig:
     ``name``: ``all_stochastic`` (Flow-GRPO, DanceGRPO), ``deterministic`` (ODE only, evaluation).
     """
 
-    name: str = "all_stochastic"
-    options: dict[str, Any] = field(default_factory=dict)
+    name: str = field(default="all_stochastic", metadata={
+        "help": "Exploration plan: all_stochastic, deterministic, window or branch (alignkit list plans)."})
+    options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Keyword arguments of the plan (window: size, start; branch: children, select, steps, m, ...)."})
 
 
 @dataclass
 class CreditConfig:
     """Credit assignment: how rewards become per-transition advantages and weights."""
 
-    name: str = "group"
-    group_by: str = "prompt"
-    std: str = "group"
-    eps: float = 1e-4
-    noise_aware: bool = False
+    name: str = field(default="group", metadata={"help": "Credit assigner name (alignkit list credit)."})
+    group_by: str = field(default="prompt", metadata={
+        "help": "Advantage group: 'prompt' (prompt and branch step) or 'seed' (prompt, initial noise, branch step)."})
+    std: str = field(default="group", metadata={
+        "help": "Normalise by the std of each group ('group') or of the whole batch ('global')."})
+    eps: float = field(default=1e-4, metadata={"help": "Added to the std when normalising advantages (> 0)."})
+    noise_aware: bool = field(default=False, metadata={
+        "help": "Weight each transition's policy loss by its transition std over the mean std (TempFlow-GRPO)."})
 
     def validate(self, path: str, problems: list[str]) -> None:
         if self.group_by not in ("prompt", "seed"):
@@ -139,9 +157,11 @@ class CreditConfig:
 class ObjectiveConfig:
     """Clipped GRPO objective with a KL penalty to the reference model."""
 
-    clip_range: float = 1e-4
-    adv_clip: float = 5.0
-    beta: float = 0.004
+    clip_range: float = field(default=1e-4, metadata={
+        "help": "PPO clip range epsilon of the ratio, in (0, 1) (1e-4 for images)."})
+    adv_clip: float = field(default=5.0, metadata={"help": "Advantages are clamped to [-adv_clip, adv_clip]."})
+    beta: float = field(default=0.004, metadata={
+        "help": "Coefficient of the KL penalty to the reference (adapter-disabled) model; 0 disables it."})
 
     def validate(self, path: str, problems: list[str]) -> None:
         if not 0 < self.clip_range < 1:
@@ -156,15 +176,24 @@ class ObjectiveConfig:
 class AlgoConfig:
     """A GRPO variant: exploration plan + step family + credit assigner + objective."""
 
-    name: str = "flow_grpo"
-    step_kind: str = "flow_grpo"
-    noise_level: float = 0.7
-    num_seeds: int = 4
-    timestep_fraction: float = 1.0
-    reward_aggregation: str = "sum_then_normalize"
-    plan: PlanConfig = field(default_factory=PlanConfig)
-    credit: CreditConfig = field(default_factory=CreditConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    name: str = field(default="flow_grpo", metadata={
+        "help": "A label for the variant (kept in the checkpoints' config; not looked up)."})
+    step_kind: str = field(default="flow_grpo", metadata={
+        "help": "Stochastic step family: flow_grpo, cps, dance_grpo, masked_confidence (alignkit list steps)."})
+    noise_level: float = field(default=0.7, metadata={
+        "help": "Exploration noise: a of the SDE step, eta of dance_grpo, the temperature of masked models."})
+    num_seeds: int = field(default=4, metadata={"help": "Initial noises (samples) per prompt; a group needs >= 2."})
+    timestep_fraction: float = field(default=1.0, metadata={
+        "help": "Share of each sample's stored transitions trained per inner epoch (a random subset), in (0, 1]."})
+    reward_aggregation: str = field(default="sum_then_normalize", metadata={
+        "help": "'sum_then_normalize' (weighted sum, then group-normalise; Flow-GRPO) or 'normalize_then_sum' "
+                "(group-normalise each reward, then weight; GDPO / MixGRPO)."})
+    plan: PlanConfig = field(default_factory=PlanConfig, metadata={
+        "help": "The exploration plan: which steps explore and where trajectories branch."})
+    credit: CreditConfig = field(default_factory=CreditConfig, metadata={
+        "help": "Credit assignment: rewards to per-transition advantages and weights."})
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={
+        "help": "The clipped policy objective and its KL penalty."})
 
     def validate(self, path: str, problems: list[str]) -> None:
         if self.num_seeds < 2:
@@ -187,9 +216,10 @@ class AlgoConfig:
 
 @dataclass
 class EmaConfig:
-    enabled: bool = False
-    decay: float = 0.9
-    every: int = 1
+    enabled: bool = field(default=False, metadata={
+        "help": "Keep a moving average of the trainable weights (held-out evaluation uses it; checkpoints save it)."})
+    decay: float = field(default=0.9, metadata={"help": "EMA decay per update, in [0, 1)."})
+    every: int = field(default=1, metadata={"help": "Update the EMA every this many optimizer steps (>= 1)."})
 
     def validate(self, path: str, problems: list[str]) -> None:
         if not 0 <= self.decay < 1:
@@ -213,27 +243,40 @@ class TrainConfig:
     mixed precision).
     """
 
-    epochs: int = 100
-    prompts_per_epoch: int = 8
-    rollout_batch_size: int = 8
-    train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    inner_epochs: int = 1
-    learning_rate: float = 3e-4
-    weight_decay: float = 1e-4
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float = 1e-8
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
-    sharding: str = "ddp"
-    ema: EmaConfig = field(default_factory=EmaConfig)
-    checkpoint_every: int = 10
-    keep_checkpoints: int = 3
-    sample_every: int = 10
-    resume: bool = True
-    max_nonfinite_steps: int = 3
-    overlap_rewards: bool = True  # score finished samples on a worker thread while the rollout goes on
+    epochs: int = field(default=100, metadata={"help": "Epochs (rollout, reward, credit, updates) to train."})
+    prompts_per_epoch: int = field(default=8, metadata={
+        "help": "Prompts rolled out per epoch, over all processes (a multiple of the number of processes)."})
+    rollout_batch_size: int = field(default=8, metadata={
+        "help": "Trajectories sampled at once per process (a memory setting)."})
+    train_batch_size: int = field(default=8, metadata={
+        "help": "Transitions per training minibatch, over all processes together."})
+    gradient_accumulation_steps: int = field(default=1, metadata={
+        "help": "Minibatches per optimizer step (the step's loss is their mean)."})
+    inner_epochs: int = field(default=1, metadata={"help": "Passes of clipped updates over each epoch's transitions."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (>= 0)."})
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={
+        "help": "AdamW betas: two values in [0, 1)."})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon (> 0)."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warm-up steps (0 disables it)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradients are clipped to this global norm (> 0)."})
+    mixed_precision: str = field(default="no", metadata={
+        "help": "accelerate mixed precision: no, bf16 or fp16 (fp16 is GPU only, with a loss scaler)."})
+    sharding: str = field(default="ddp", metadata={
+        "help": "'ddp' (every process holds the whole model) or 'fsdp' (parameters, gradients and optimizer "
+                "state sharded over the processes)."})
+    ema: EmaConfig = field(default_factory=EmaConfig, metadata={"help": "Moving average of the trainable weights."})
+    checkpoint_every: int = field(default=10, metadata={
+        "help": "Write a checkpoint every this many epochs (and after the last)."})
+    keep_checkpoints: int = field(default=3, metadata={"help": "Newest checkpoints kept; older ones are deleted."})
+    sample_every: int = field(default=10, metadata={
+        "help": "Write a captioned grid of training samples every this many epochs (and after the last)."})
+    resume: bool = field(default=True, metadata={
+        "help": "Continue from the latest checkpoint in output_dir when there is one."})
+    max_nonfinite_steps: int = field(default=3, metadata={
+        "help": "Consecutive optimizer steps with a NaN / inf loss or gradient skipped before the run stops."})
+    overlap_rewards: bool = field(default=True, metadata={
+        "help": "Score finished samples on a worker thread while the rollout goes on."})
 
     def validate(self, path: str, problems: list[str]) -> None:
         for key in ("epochs", "prompts_per_epoch", "rollout_batch_size", "train_batch_size",
@@ -275,13 +318,19 @@ class PromptsConfig:
     one prompt per line, or ``.jsonl`` rows with a ``prompt`` key and optional metadata).
     """
 
-    source: str = "list"
-    train: list[str] = field(default_factory=list)
-    eval: list[str] = field(default_factory=list)
-    train_file: str | None = None
-    eval_file: str | None = None
-    shuffle: bool = True
-    options: dict[str, Any] = field(default_factory=dict)
+    source: str = field(default="list", metadata={
+        "help": "Prompt source: list, file, or a registered source such as shapes or arithmetic."})
+    train: list[str] = field(default_factory=list, metadata={"help": "Training prompts (source=list)."})
+    eval: list[str] = field(default_factory=list, metadata={
+        "help": "Held-out evaluation prompts (source=list; the training prompts when empty)."})
+    train_file: str | None = field(default=None, metadata={
+        "help": "Training prompt file (source=file): .txt, one prompt per line, or .jsonl rows with a prompt key."})
+    eval_file: str | None = field(default=None, metadata={
+        "help": "Evaluation prompt file (source=file; the training file when unset)."})
+    shuffle: bool = field(default=True, metadata={
+        "help": "Draw each epoch's prompts in a random order (false: in file order)."})
+    options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Settings of a registered source (e.g. train_size, eval_size, seed, categories for shapes)."})
 
 
 @dataclass
@@ -293,14 +342,16 @@ class EvalConfig:
     the training rewards. ``checkpoint``: weights to evaluate with ``alignkit eval``.
     """
 
-    num_prompts: int = 8
-    seeds_per_prompt: int = 1
-    batch_size: int = 8
-    checkpoint: str | None = None
-    seed: int = 1234
-    every: int = 0
-    before_after: bool = False
-    rewards: dict[str, RewardTermConfig] = field(default_factory=dict)
+    num_prompts: int = field(default=8, metadata={"help": "Held-out prompts evaluated (the first ones)."})
+    seeds_per_prompt: int = field(default=1, metadata={"help": "Initial noises per evaluation prompt."})
+    batch_size: int = field(default=8, metadata={"help": "Samples generated at once during evaluation."})
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "Checkpoint folder whose weights alignkit eval loads (e.g. outputs/run/checkpoints/step-00000010)."})
+    seed: int = field(default=1234, metadata={"help": "Seed of the evaluation noise (the same every evaluation)."})
+    every: int = field(default=0, metadata={"help": "Also evaluate every N epochs while training (0: never)."})
+    before_after: bool = field(default=False, metadata={"help": "Evaluate before the first and after the last epoch."})
+    rewards: dict[str, RewardTermConfig] = field(default_factory=dict, metadata={
+        "help": "Evaluation-only rewards scored besides the training rewards (e.g. a strict variant)."})
 
     def validate(self, path: str, problems: list[str]) -> None:
         for key in ("num_prompts", "seeds_per_prompt", "batch_size"):
@@ -316,16 +367,21 @@ class EvalConfig:
 class RunConfig:
     """A whole run: the composed recipe."""
 
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    reward: dict[str, RewardTermConfig] = field(default_factory=dict)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    prompts: PromptsConfig = field(default_factory=PromptsConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    output_dir: str = "outputs/run"
-    seed: int = 0
-    device: str = "auto"
-    recipe: str = ""
+    backbone: BackboneConfig = field(default_factory=BackboneConfig, metadata={
+        "help": "The model to align and how to sample it."})
+    reward: dict[str, RewardTermConfig] = field(default_factory=dict, metadata={
+        "help": "Named, weighted rewards (the reward set); at least one."})
+    algo: AlgoConfig = field(default_factory=AlgoConfig, metadata={
+        "help": "The GRPO variant: step family, plan, credit and objective."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation and bookkeeping."})
+    prompts: PromptsConfig = field(default_factory=PromptsConfig, metadata={
+        "help": "Where training and evaluation prompts come from."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Held-out evaluation."})
+    output_dir: str = field(default="outputs/run", metadata={
+        "help": "Run folder: metrics.jsonl, tensorboard/, samples/, checkpoints/."})
+    seed: int = field(default=0, metadata={"help": "Run seed: every prompt draw and noise derives from it."})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu or cuda[:N]."})
+    recipe: str = field(default="", metadata={"help": "The recipe name (set by alignkit when it composes a recipe)."})
 
     def validate(self, problems: list[str]) -> None:
         self.backbone.validate("backbone", problems)
