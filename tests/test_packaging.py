@@ -77,9 +77,10 @@ def test_the_installed_wheel_resolves_entry_points_recipes_and_weights_from_itse
     py = env / "bin" / "python"
     purelib = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                   check=True, capture_output=True, text=True).stdout.strip())
-    # the dependencies of this environment, without its (editable) alignkit: a .pth path line is added to
-    # sys.path after the venv's own site-packages, and .pth files inside it are not run
-    (purelib / "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # the dependencies of this environment, without its (editable) alignkit: .pth path lines are added to
+    # sys.path after the venv's own site-packages, and .pth files inside them are not run
+    deps = [sysconfig.get_paths()["purelib"], *(p for p in sys.path if p.endswith("site-packages"))]
+    (purelib / "_deps.pth").write_text("\n".join(dict.fromkeys(deps)) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)],
                    check=True, capture_output=True, text=True)
     work = tmp_path / "elsewhere"
