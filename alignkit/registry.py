@@ -68,9 +68,9 @@ def import_object(path: str) -> object:
                           f"({_raised_at(exc, module_name)}): {_one_line(exc)}; fix the module") from None
     for i, part in enumerate(attr_path.split(".")):
         if not hasattr(obj, part):
-            owner = module_name if i == 0 else f"{module_name}:{'.'.join(attr_path.split('.')[:i])}"
+            owner = f"module {module_name!r}" if i == 0 else repr(f"{module_name}:{'.'.join(attr_path.split('.')[:i])}")
             names = sorted(n for n in vars(obj) if not n.startswith("_") and callable(getattr(obj, n)))
-            raise ImportError(f"{owner!r} has no attribute {part!r} (from {path!r}); it defines: "
+            raise ImportError(f"{owner} has no attribute {part!r} (from {path!r}); it defines: "
                               f"{', '.join(names) or 'no public callables'}")
         obj = getattr(obj, part)
     return obj

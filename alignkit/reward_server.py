@@ -203,9 +203,11 @@ class _Handler(BaseHTTPRequestHandler):
         unknown method is a 405 naming the endpoints."""
         if code == HTTPStatus.NOT_IMPLEMENTED and self.command:
             path = self._path()
-            allow = ENDPOINTS.get(path)
-            self._reply(HTTPStatus.METHOD_NOT_ALLOWED, {"error": self._method_hint(path)},
-                        {"Allow": allow} if allow else None)
+            if path in ENDPOINTS:
+                self._reply(HTTPStatus.METHOD_NOT_ALLOWED, {"error": self._method_hint(path)},
+                            {"Allow": ENDPOINTS[path]})
+            else:
+                self._reply(HTTPStatus.NOT_FOUND, {"error": self._method_hint(path)})
             return
         try:
             text = message or HTTPStatus(code).phrase

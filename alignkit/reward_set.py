@@ -92,6 +92,8 @@ def to_scores(name: str, out: Any, n: int) -> tuple[torch.Tensor, int]:
                                     f"[{n}]")
     else:
         try:
+            if isinstance(out, (str, bytes, dict)):
+                raise TypeError  # iterable, but not scores
             values = list(out)
         except TypeError:
             raise RewardOutputError(f"reward {name!r} returned {type(out).__name__}; return a list of {n} "
