@@ -385,11 +385,13 @@ def serve(reward: Reward, host: str = "127.0.0.1", port: int = 8900, name: str =
 def _positive(kind: type) -> Any:
     """An argparse type: a positive finite ``kind`` (``nan``, ``inf``, 0 and negatives refused)."""
 
+    noun = "an integer" if kind is int else "a number"
+
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
         if not 0 < value < math.inf:
             raise argparse.ArgumentTypeError(f"{text!r}: must be a positive, finite number")
         return value
