@@ -156,6 +156,8 @@ def test_prompts_not_divisible_by_the_processes() -> None:
 
 @pytest.fixture(scope="module")
 def model_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import alignkit.modalities.image.sd3  # noqa: F401 - registers builtin:tiny-sd3 (else only a recipe's check does)
+
     root = tmp_path_factory.mktemp("models")
     source = Path(resolve_pretrained("builtin:tiny-sd3"))
     folders = {"empty": root / "empty"}
@@ -191,7 +193,7 @@ RUNTIME_CASES: list[tuple[str, Callable[[Path, dict[str, Path]], list[str]], typ
      ValueError, ["prompts.train_file=", "empty.txt", "holds no prompts", "one prompt per line"]),
     ("bad_jsonl_prompt_row", lambda tmp, m: ["prompts.source=file",
                                              "prompts.train_file=" + _prompt_file(tmp, "p.jsonl", JSONL_BAD_ROW)],
-     ValueError, ["p.jsonl:2", "'prompt' key"]),
+     ValueError, ["prompts.train_file=", "p.jsonl", "line 2", "'prompt' key"]),
     ("reward_kwargs_that_do_not_fit", lambda tmp, m: ["+reward.jpeg_compressibility.kwargs.qualty=90"], ValueError,
      ["reward.jpeg_compressibility.kwargs=", "'qualty'", "do not fit"]),
     ("remote_reward_url_without_scheme", lambda tmp, m: ["+reward.r={fn: remote, kwargs: {url: 'scorer:8900'}}"],
