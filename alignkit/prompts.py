@@ -55,13 +55,17 @@ def read_prompt_file(path: str, field_name: str) -> PromptSet:
         what = "is a folder, not a file" if p.is_dir() else "no such file"
         raise FileNotFoundError(f"{setting}: {what}; give the path of a .txt (one prompt per line), .jsonl or "
                                 ".json prompt file")
-    raw = p.read_bytes()
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{setting}: cannot be read ({exc.strerror or exc}); check its permissions") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise ValueError(f"{setting}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); save the file as "
-                         "UTF-8") from None
+        utf16 = " (it looks like UTF-16)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise ValueError(f"{setting}: not UTF-8 text{utf16} (byte 0x{raw[exc.start]:02x} on line {line}); save the "
+                         "file as UTF-8") from None
     if p.suffix == ".json":
         rows = _json_rows(text, setting)
     else:

@@ -165,12 +165,14 @@ def resolve_env(value: Any, path: str) -> Any:
 
 
 def resolve_reward(name: str, term: RewardTermConfig) -> Reward:
-    """Build the reward named by ``term.fn`` (``env:VAR`` kwargs resolved now; ``term`` is left unchanged).
+    """Build the reward named by ``term.fn`` (``env:VAR`` kwargs resolved now; ``term`` is left unchanged) and
+    check that it can be called as ``reward(samples, prompts, metadata)``.
 
     Raises:
         ImportError: one line naming ``reward.<name>.fn``, the module and the cause (see
             :func:`alignkit.registry.import_object`).
-        ValueError: kwargs that do not fit, an unset ``env:`` variable, or the reward's own check of them.
+        ValueError: kwargs that do not fit, an unset ``env:`` variable, a reward that cannot take
+            ``(samples, prompts, metadata)``, or the reward's own check of its kwargs.
         RewardError: the reward's constructor raised anything else.
     """
     try:
@@ -180,7 +182,7 @@ def resolve_reward(name: str, term: RewardTermConfig) -> Reward:
     kwargs = resolve_env(term.kwargs, f"reward.{name}.kwargs")
     if term.fn in REWARDS or inspect.isclass(obj):
         try:
-            return obj(**kwargs)
+            reward = obj(**kwargs)
         except TypeError as exc:
             raise ValueError(f"reward.{name}.kwargs={term.kwargs} do not fit {term.fn!r}: {exc}") from exc
         except (ValueError, FileNotFoundError, ImportError):
@@ -188,17 +190,33 @@ def resolve_reward(name: str, term: RewardTermConfig) -> Reward:
         except Exception as exc:
             raise RewardError(f"reward.{name}.fn={term.fn!r}: building the reward raised {type(exc).__name__}: "
                               f"{exc}") from exc
-    if is_import_path(term.fn) and callable(obj):
-        if not kwargs:
-            return obj
-        try:
-            inspect.signature(obj).bind(None, None, None, **kwargs)
-        except TypeError as exc:
-            raise ValueError(f"reward.{name}.kwargs={term.kwargs} do not fit {term.fn!r}: {exc}") from None
-        except ValueError:
-            pass  # no signature to check (a builtin): the first call tells
-        return functools.partial(obj, **kwargs)
-    raise ValueError(f"reward.{name}.fn={term.fn!r} is not callable")
+    elif is_import_path(term.fn) and callable(obj):
+        problem = _signature_problem(obj, kwargs) if kwargs else None
+        if problem is not None:
+            raise ValueError(f"reward.{name}.kwargs={term.kwargs} do not fit {term.fn!r}: {problem}")
+        reward = functools.partial(obj, **kwargs) if kwargs else obj
+    else:
+        raise ValueError(f"reward.{name}.fn={term.fn!r} is not callable")
+    if not callable(reward):
+        raise ValueError(f"reward.{name}.fn={term.fn!r} built a {type(reward).__name__}, which cannot be called; a "
+                         "reward is a function or an object with __call__(samples, prompts, metadata)")
+    problem = _signature_problem(reward, {})
+    if problem is not None:
+        raise ValueError(f"reward.{name}.fn={term.fn!r} cannot be called as reward(samples, prompts, metadata): "
+                         f"{problem}; give it those three parameters (and its settings as keyword arguments)")
+    return reward
+
+
+def _signature_problem(fn: Callable[..., Any], kwargs: dict[str, Any]) -> str | None:
+    """Why ``fn(samples, prompts, metadata, **kwargs)`` would not bind, or None (also when ``fn`` has no
+    signature to check, e.g. a builtin)."""
+    try:
+        inspect.signature(fn).bind(None, None, None, **kwargs)
+    except TypeError as exc:
+        return str(exc)
+    except ValueError:
+        return None
+    return None
 
 
 class CallTimeout(TimeoutError):
