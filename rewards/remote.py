@@ -24,6 +24,7 @@ import logging
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
@@ -136,13 +137,23 @@ class RemoteReward:
                  kind: str = "auto", token: str | None = None) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"RemoteReward url={url!r}: give the server's address, e.g. 'http://127.0.0.1:8900'")
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+        except ValueError as exc:
+            raise ValueError(f"RemoteReward url={url!r}: {exc}; e.g. 'http://127.0.0.1:8900'") from None
+        if not parts.hostname:
+            raise ValueError(f"RemoteReward url={url!r} names no host; e.g. 'http://127.0.0.1:8900'")
+        if parts.query or parts.fragment:
+            raise ValueError(f"RemoteReward url={url!r}: give the server's base address without ?query or #fragment "
+                             "(requests go to <url>/score)")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
             raise ValueError(f"RemoteReward timeout={timeout!r}: must be a finite number of seconds > 0")
-        if not (isinstance(retries, int) and retries >= 0):
+        if isinstance(retries, bool) or not (isinstance(retries, int) and retries >= 0):
             raise ValueError(f"RemoteReward retries={retries}: must be an integer >= 0 (0 = no retry)")
         if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or not 0 <= backoff < float("inf"):
             raise ValueError(f"RemoteReward backoff={backoff!r}: must be a finite number of seconds >= 0")
-        if not (isinstance(max_batch, int) and max_batch >= 1):
+        if isinstance(max_batch, bool) or not (isinstance(max_batch, int) and max_batch >= 1):
             raise ValueError(f"RemoteReward max_batch={max_batch}: must be an integer >= 1")
         if kind not in KINDS:
             raise ValueError(f"RemoteReward kind={kind!r}: use one of {', '.join(KINDS)}")

@@ -396,3 +396,31 @@ def test_remote_reward_token_from_the_environment_is_never_written(tmp_path: Pat
     assert load_checkpoint(ckpt)[1]["config"]["reward"]["jpeg"]["kwargs"]["token"] == "env:ALIGNKIT_TEST_REWARD_TOKEN"
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert written and not [p for p in written if secret.encode() in p.read_bytes()]
+
+
+# ---------------------------------------------------------------- client settings
+
+
+REMOTE_SETTING_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
+    ("port_out_of_range", {"url": "http://127.0.0.1:99999"}, ["url='http://127.0.0.1:99999'", "Port out of range"]),
+    ("port_not_a_number", {"url": "http://scorer:http"}, ["url='http://scorer:http'", "could not be cast"]),
+    ("no_host", {"url": "http://:8900"}, ["url='http://:8900' names no host"]),
+    ("query_in_url", {"url": "http://scorer:8900/?key=1"}, ["without ?query", "<url>/score"]),
+    ("timeout_nan", {"timeout": float("nan")}, ["timeout=nan", "finite number of seconds > 0"]),
+    ("timeout_inf", {"timeout": float("inf")}, ["timeout=inf", "finite"]),
+    ("backoff_nan", {"backoff": float("nan")}, ["backoff=nan", ">= 0"]),
+    ("retries_bool", {"retries": True}, ["retries=True", "integer >= 0"]),
+    ("max_batch_bool", {"max_batch": True}, ["max_batch=True", "integer >= 1"]),
+    ("token_with_newline", {"token": "abc\ndef"}, ["RemoteReward token", "visible ASCII"]),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [c[1:] for c in REMOTE_SETTING_CASES],
+                         ids=[c[0] for c in REMOTE_SETTING_CASES])
+def test_remote_reward_settings_are_checked_when_built(kwargs: dict[str, Any], words: list[str]) -> None:
+    with pytest.raises(ValueError) as info:
+        RemoteReward(**{"url": "http://127.0.0.1:8900", **kwargs})
+    msg = str(info.value)
+    for word in words:
+        assert word in msg, (word, msg)
+    assert "abc\ndef" not in msg
