@@ -65,6 +65,8 @@ DEFAULT_MAX_REQUEST_PIXELS = 2**28
 """268 million pixels per request in all (0.8 GB as uint8 RGB, 3.2 GB as the float32 tensor the reward gets)."""
 DEFAULT_TIMEOUT = 600.0
 """Seconds a request may wait for the reward and the reward may take to score it."""
+DRAIN_BYTES = 64 * 2**20
+"""Bodies of refused requests up to this size (or twice the request limit) are read before the answer."""
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 ENDPOINTS = {"/health": "GET", "/score": "POST"}
@@ -177,11 +179,42 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = f"alignkit-reward/{PROTOCOL_VERSION}"
     timeout = 300  # seconds a client may take to send its body before the thread gives up
 
+    _body_read = False  # whether the current request's body was read
+
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s %s", self.address_string(), format % args)
 
+    def parse_request(self) -> bool:
+        self._body_read = False
+        return super().parse_request()
+
+    def _drain_body(self) -> None:
+        """Read and drop the unread body of a refused request (up to :data:`DRAIN_BYTES` or twice the size limit):
+        a client still sending it then reads this answer, instead of a broken pipe from the close that follows
+        (which it would retry, as if the server were down)."""
+        if self._body_read:
+            return
+        self._body_read = True
+        headers = getattr(self, "headers", None)
+        try:
+            remaining = int(headers.get("Content-Length", 0)) if headers is not None else 0
+        except ValueError:
+            return
+        if not 0 < remaining <= max(DRAIN_BYTES, 2 * self.server.max_request_bytes):
+            return
+        try:
+            while remaining > 0:
+                chunk = self.rfile.read(min(remaining, 2**20))
+                if not chunk:
+                    return
+                remaining -= len(chunk)
+        except OSError:  # the client gave up or went silent: the answer goes out anyway
+            return
+
     def _reply(self, status: HTTPStatus | int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body, allow_nan=False).encode("utf-8")
+        if int(status) >= 400:
+            self._drain_body()
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -300,6 +333,7 @@ class _Handler(BaseHTTPRequestHandler):
                               f"request of {n} bytes exceeds this server's limit of {self.server.max_request_bytes} "
                               "bytes; send smaller batches (RemoteReward max_batch) or raise --max-request-mb")
         body = self.rfile.read(n)
+        self._body_read = True
         if len(body) != n:
             raise _ReplyError(HTTPStatus.BAD_REQUEST, f"body ended after {len(body)} of {n} bytes")
         try:

@@ -424,3 +424,17 @@ def test_remote_reward_settings_are_checked_when_built(kwargs: dict[str, Any], w
     for word in words:
         assert word in msg, (word, msg)
     assert "abc\ndef" not in msg
+
+
+def test_refused_large_batches_get_their_answer_not_a_reset_connection() -> None:
+    """The client sends the whole body before it reads the answer: a refusal must not close the connection under
+    it (it would see a reset and retry, as if the server were down)."""
+    recorder = _Recorder()
+    x = torch.rand(8, 3, 512, 512)  # about 8 MB as PNG: more than the socket buffers hold
+    with _serving(recorder, max_request_bytes=4 * 2**20, token="the-token") as server:
+        with pytest.raises(RemoteRewardError, match=r"rejected a batch of 8 with HTTP 401: .*requires a token"):
+            RemoteReward(server.url, **FAST)(x, ["a"] * 8, [{}] * 8)
+        with pytest.raises(RemoteRewardError, match=r"rejected a batch of 8 with HTTP 413: request of \d+ bytes"):
+            RemoteReward(server.url, token="the-token", **FAST)(x, ["a"] * 8, [{}] * 8)
+        assert RemoteReward(server.url, token="the-token", max_batch=2, **FAST)(x, ["a"] * 8, [{}] * 8) == [0.5] * 8
+    assert recorder.calls == [2, 2, 2, 2]
