@@ -105,32 +105,10 @@ def cmd_list(args: list[str]) -> int:
 
 
 def cmd_serve_reward(args: list[str]) -> int:
-    from alignkit.config import RewardTermConfig
-    from alignkit.reward_server import DEFAULT_MAX_REQUEST_BYTES, serve
-    from alignkit.reward_set import resolve_reward
+    """``alignkit serve-reward``: arguments, limits and the server live in :mod:`alignkit.reward_server`."""
+    from alignkit.reward_server import main as serve_main
 
-    parser = argparse.ArgumentParser(prog="alignkit serve-reward",
-                                     description="Serve a reward over HTTP (protocol: alignkit.reward_protocol).")
-    parser.add_argument("name", help="registry name (alignkit list rewards) or 'package.module:callable'")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
-    parser.add_argument("--port", type=int, default=8900, help="port to listen on (0: any free port)")
-    parser.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments for the reward")
-    parser.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_BYTES / 2**20,
-                        help="largest request body accepted, in MiB")
-    ns = parser.parse_args(args)
-    try:
-        kwargs = json.loads(ns.kwargs)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--kwargs {ns.kwargs!r} is not JSON ({exc}); e.g. '{{\"quality\": 90}}'") from None
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"--kwargs {ns.kwargs!r} must be a JSON object of keyword arguments")
-    reward = resolve_reward(ns.name, RewardTermConfig(fn=ns.name, kwargs=kwargs))
-    try:
-        serve(reward, ns.host, ns.port, ns.name, max_request_bytes=int(ns.max_request_mb * 2**20))
-    except OSError as exc:
-        logger.error("cannot serve on %s:%d: %s; choose another --port or --host", ns.host, ns.port, exc)
-        return 2
-    return 0
+    return serve_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,18 +1,26 @@
 """Typed, validated run configuration.
 
 Recipes are hydra configs; after composition the plain dict is bound to these dataclasses by
-:func:`build_config`, which rejects unknown keys and wrong types and then runs every section's
-``validate``. All problems are reported at once, each naming the field, the bad value and the fix,
-before any model is loaded.
+:func:`build_config`, which rejects unknown keys and wrong types, expands ``~`` in the path settings
+(:data:`PATH_FIELDS`) and then runs every section's ``validate``: ranges, NaN / inf anywhere, the device,
+the run folder and the files named. All problems are reported at once, each naming the field, the bad
+value and the fix, before any model is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+SEED_MAX = 2**32 - 1
+"""Largest seed: NumPy's global generator, seeded with ``seed`` at the start of a run, takes 0 .. 2**32 - 1."""
 
 
 class ConfigError(ValueError):
@@ -40,7 +48,7 @@ class LoraConfig:
         if self.enabled:
             if self.rank < 1:
                 problems.append(f"{path}.rank={self.rank}: must be >= 1 (e.g. 32)")
-            if self.alpha <= 0:
+            if not self.alpha > 0:
                 problems.append(f"{path}.alpha={self.alpha}: must be > 0 (commonly 2 x rank)")
             if not self.target_modules:
                 problems.append(f"{path}.target_modules is empty: name the Linear layers to adapt, e.g. [to_q,to_v]")
@@ -98,24 +106,39 @@ class BackboneConfig:
                 problems.append(f"{path}.{key}={getattr(self, key)}: must be a positive multiple of 8")
         if self.num_frames < 1:
             problems.append(f"{path}.num_frames={self.num_frames}: must be >= 1 (1 for images; e.g. 33 for Wan)")
-        if self.guidance_scale < 0:
+        if not self.guidance_scale >= 0:
             problems.append(f"{path}.guidance_scale={self.guidance_scale}: must be >= 0 (1 disables CFG)")
+        if self.max_sequence_length < 1:
+            problems.append(f"{path}.max_sequence_length={self.max_sequence_length}: must be >= 1 (text tokens per "
+                            "prompt, e.g. 256)")
         self.lora.validate(f"{path}.lora", problems)
 
 
 @dataclass
 class RewardTermConfig:
-    """One named reward of the reward set: a registry name or ``package.module:callable``."""
+    """One named reward of the reward set: a registry name or ``package.module:callable``.
+
+    A ``kwargs`` value written ``env:VAR`` is read from environment variable ``VAR`` when the reward is built
+    (secrets such as tokens stay out of recipes, checkpoints and the saved configuration, which keep the
+    ``env:VAR`` text). ``timeout``: seconds one call of the reward may take before the run stops with an
+    error naming it (None: no limit).
+    """
 
     fn: str = field(default="???", metadata={
         "help": "The reward: a registry name (alignkit list rewards) or an import path 'package.module:callable'."})
     weight: float = field(default=1.0, metadata={"help": "Weight of this reward in the aggregated score."})
     kwargs: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "Keyword arguments for the reward (a class gets them once; a function at every call)."})
+    timeout: float | None = field(default=None, metadata={
+        "help": "Seconds one call of the reward may take before the run stops with an error naming it; null: no "
+                "limit. On the command line: +reward.<name>.timeout=600."})
 
     def validate(self, path: str, problems: list[str]) -> None:
         if self.fn in ("???", ""):
             problems.append(f"{path}.fn is required: a reward name (alignkit list rewards) or 'module:function'")
+        if self.timeout is not None and not 0 < self.timeout < math.inf:
+            problems.append(f"{path}.timeout={self.timeout}: must be a number of seconds > 0 (e.g. 600), or null "
+                            "for no limit")
 
 
 @dataclass
@@ -149,7 +172,7 @@ class CreditConfig:
             problems.append(f"{path}.group_by={self.group_by!r}: use 'prompt' or 'seed'")
         if self.std not in ("group", "global"):
             problems.append(f"{path}.std={self.std!r}: use 'group' (per-group std) or 'global' (batch std)")
-        if self.eps <= 0:
+        if not self.eps > 0:
             problems.append(f"{path}.eps={self.eps}: must be > 0 (1e-4 is standard)")
 
 
@@ -166,9 +189,9 @@ class ObjectiveConfig:
     def validate(self, path: str, problems: list[str]) -> None:
         if not 0 < self.clip_range < 1:
             problems.append(f"{path}.clip_range={self.clip_range}: must be in (0, 1) (1e-4 for images)")
-        if self.adv_clip <= 0:
+        if not self.adv_clip > 0:
             problems.append(f"{path}.adv_clip={self.adv_clip}: must be > 0 (5 is standard)")
-        if self.beta < 0:
+        if not self.beta >= 0:
             problems.append(f"{path}.beta={self.beta}: must be >= 0 (0 disables the KL term)")
 
 
@@ -203,8 +226,11 @@ class AlgoConfig:
             )
         if not 0 < self.timestep_fraction <= 1:
             problems.append(f"{path}.timestep_fraction={self.timestep_fraction}: must be in (0, 1]")
-        if self.noise_level <= 0:
+        if not self.noise_level > 0:
             problems.append(f"{path}.noise_level={self.noise_level}: must be > 0 (0.7 for Flow-GRPO)")
+        elif self.step_kind == "cps" and self.noise_level > 1:
+            problems.append(f"{path}.noise_level={self.noise_level} with {path}.step_kind=cps: must be in (0, 1] "
+                            "(the step's std is sigma' sin(a pi / 2), which shrinks again above 1 and is 0 at 2)")
         if self.reward_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
             problems.append(
                 f"{path}.reward_aggregation={self.reward_aggregation!r}: use 'sum_then_normalize' (Flow-GRPO) "
@@ -284,7 +310,7 @@ class TrainConfig:
                     "sample_every"):
             if getattr(self, key) < 1:
                 problems.append(f"{path}.{key}={getattr(self, key)}: must be >= 1")
-        if self.learning_rate <= 0:
+        if not self.learning_rate > 0:
             problems.append(f"{path}.learning_rate={self.learning_rate}: must be > 0")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             problems.append(f"{path}.adam_betas={self.adam_betas}: give two values in [0, 1), e.g. [0.9,0.999]")
@@ -296,16 +322,16 @@ class TrainConfig:
         elif self.sharding == "fsdp" and self.mixed_precision == "fp16":
             problems.append(f"{path}.mixed_precision=fp16 with {path}.sharding=fsdp: use bf16 (there is no sharded "
                             f"loss scaler here) or {path}.sharding=ddp")
-        if self.max_grad_norm <= 0:
+        if not self.max_grad_norm > 0:
             problems.append(f"{path}.max_grad_norm={self.max_grad_norm}: must be > 0")
         if self.max_nonfinite_steps < 0:
             problems.append(f"{path}.max_nonfinite_steps={self.max_nonfinite_steps}: must be >= 0 (consecutive "
                             "optimizer steps with a NaN / inf loss skipped before the run stops; 0 stops at the first)")
         if self.warmup_steps < 0:
             problems.append(f"{path}.warmup_steps={self.warmup_steps}: must be >= 0 (0 disables warm-up)")
-        if self.adam_eps <= 0:
+        if not self.adam_eps > 0:
             problems.append(f"{path}.adam_eps={self.adam_eps}: must be > 0 (1e-8 is standard)")
-        if self.weight_decay < 0:
+        if not self.weight_decay >= 0:
             problems.append(f"{path}.weight_decay={self.weight_decay}: must be >= 0")
         self.ema.validate(f"{path}.ema", problems)
 
@@ -315,7 +341,8 @@ class PromptsConfig:
     """Where training and evaluation prompts come from.
 
     ``source``: ``list`` (inline ``train`` / ``eval`` lists) or ``file`` (``train_file`` / ``eval_file``:
-    one prompt per line, or ``.jsonl`` rows with a ``prompt`` key and optional metadata).
+    one prompt per line; ``.jsonl`` rows with a ``prompt`` key and optional metadata; or ``.json``, an array of
+    strings or of such objects). Files are UTF-8 (a byte-order mark is dropped); blank prompts are refused.
     """
 
     source: str = field(default="list", metadata={
@@ -359,6 +386,10 @@ class EvalConfig:
                 problems.append(f"{path}.{key}={getattr(self, key)}: must be >= 1")
         if self.every < 0:
             problems.append(f"{path}.every={self.every}: must be >= 0 (0 disables periodic evaluation)")
+        _check_seed(f"{path}.seed", self.seed, problems)
+        if self.checkpoint is not None and not Path(self.checkpoint).exists():
+            problems.append(f"{path}.checkpoint={self.checkpoint!r}: no such file or folder; give a checkpoint "
+                            "folder, e.g. outputs/<run>/checkpoints/step-00000108")
         for name, term in self.rewards.items():
             term.validate(f"{path}.rewards.{name}", problems)
 
@@ -404,10 +435,120 @@ class RunConfig:
             )
         if self.prompts.source == "list" and not self.prompts.train:
             problems.append("prompts.train is empty: list training prompts or set prompts.source=file")
-        if self.prompts.source == "file" and not self.prompts.train_file:
-            problems.append("prompts.train_file is required with prompts.source=file")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            problems.append(f"device={self.device!r}: use auto, cpu or cuda[:N]")
+        if self.prompts.source == "list":
+            for key in ("train", "eval"):
+                for i, prompt in enumerate(getattr(self.prompts, key)):
+                    if isinstance(prompt, str) and not prompt.strip():
+                        problems.append(f"prompts.{key}[{i}]={prompt!r}: a blank prompt (item {i + 1} of the list); "
+                                        "remove it or write the prompt")
+        if self.prompts.source == "file":
+            if not self.prompts.train_file:
+                problems.append("prompts.train_file is required with prompts.source=file")
+            for key in ("train_file", "eval_file"):
+                value = getattr(self.prompts, key)
+                if value and not Path(value).is_file():
+                    what = "is a folder, not a file" if Path(value).is_dir() else "no such file"
+                    problems.append(f"prompts.{key}={value!r}: {what}; give the path of a .txt (one prompt per "
+                                    "line), .jsonl or .json prompt file")
+        _check_output_dir(self.output_dir, problems)
+        _check_seed("seed", self.seed, problems)
+        _check_device(self.device, problems)
+        _check_finite(self, "", problems)
+
+
+# --- checks shared by several sections ------------------------------------------------------------------
+
+
+def _reported(path: str, problems: list[str]) -> bool:
+    """Whether a problem already names setting ``path`` (or the list holding it: ``x`` for ``x[1]``)."""
+    names = {path, re.sub(r"\[\d+\]$", "", path)}
+    return any(p.startswith((f"{n}=", f"{n}:", f"{n} ")) for n in names for p in problems)
+
+
+def _check_finite(value: Any, path: str, problems: list[str]) -> None:
+    """A problem for every NaN / inf float of the configuration (``options`` and ``kwargs`` included) that no
+    range check has reported yet: ``nan <= 0`` is false, so a NaN would pass such checks silently."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            _check_finite(getattr(value, f.name), _join(path, f.name), problems)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{path}.{key}", problems)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{path}[{i}]", problems)
+    elif isinstance(value, float) and not math.isfinite(value) and not _reported(path, problems):
+        problems.append(f"{path}={value}: must be a finite number (NaN and inf are not settings)")
+
+
+def _check_seed(path: str, seed: int, problems: list[str]) -> None:
+    if isinstance(seed, int) and not 0 <= seed <= SEED_MAX:
+        problems.append(f"{path}={seed}: must be in 0..{SEED_MAX} (NumPy's seed range), e.g. 0")
+
+
+_DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?)")
+
+
+def _check_device(device: str, problems: list[str]) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; a CUDA device must exist on this machine."""
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        problems.append(f"device={device!r}: not a device; use auto (a GPU when there is one), cpu, cuda or cuda:N "
+                        "(N: the GPU index, e.g. cuda:0)")
+        return
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        problems.append(f"device={device!r}: no usable CUDA GPU on this machine (torch.cuda.is_available() is False, "
+                        f"torch {torch.__version__}); use device=cpu, or device=auto to take a GPU when there is one")
+        return
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        problems.append(f"device={device!r}: this machine has {count} CUDA GPU{'s' * (count != 1)} "
+                        f"(cuda:0..cuda:{count - 1}); pick one of them or use device=auto")
+
+
+def _check_output_dir(output_dir: str, problems: list[str]) -> None:
+    """The run folder must be creatable and writable (checked before any model loads)."""
+    if not isinstance(output_dir, str) or not output_dir.strip():
+        problems.append(f"output_dir={output_dir!r}: empty; give the run's folder, e.g. output_dir=outputs/my_run")
+        return
+    path = Path(output_dir).absolute()
+    if path.exists() and not path.is_dir():
+        problems.append(f"output_dir={output_dir!r} is a file, not a folder; choose another output_dir")
+        return
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        problems.append(f"output_dir={output_dir!r} cannot be created: {existing} is a file; choose another "
+                        "output_dir")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        where = "it" if existing == path else f"{existing}"
+        problems.append(f"output_dir={output_dir!r} is not writable ({where} denies writing to this user); choose a "
+                        "folder you can write to")
+
+
+PATH_FIELDS = ("output_dir", "prompts.train_file", "prompts.eval_file", "eval.checkpoint", "backbone.pretrained")
+"""Settings that name local files or folders; a leading ``~`` is expanded once, by :func:`build_config`."""
+
+
+def expand_paths(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` with ``~`` expanded in :data:`PATH_FIELDS`, so that the checks and the run read the
+    same path."""
+    cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone),
+                              prompts=dataclasses.replace(cfg.prompts), eval=dataclasses.replace(cfg.eval))
+    for dotted in PATH_FIELDS:
+        *parents, name = dotted.split(".")
+        owner = cfg
+        for part in parents:
+            owner = getattr(owner, part)
+        value = getattr(owner, name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(owner, name, os.path.expanduser(value))
+    return cfg
 
 
 # --- binding dicts to dataclasses --------------------------------------------------------------------
@@ -457,7 +598,12 @@ def _bind(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            problems.append(f"{path}: a {value.bit_length()}-bit integer is too large for a float; give a finite "
+                            "number")
+            return value
     if tp is bool and not isinstance(value, bool):
         problems.append(f"{path}={value!r}: expected true or false")
         return value
@@ -483,6 +629,7 @@ def build_config(data: dict[str, Any]) -> RunConfig:
         data["reward"] = {k: v for k, v in reward.items() if v is not None}
     cfg = _bind(RunConfig, data, "", problems)
     if not problems:
+        cfg = expand_paths(cfg)
         cfg.validate(problems)
     if problems:
         raise ConfigError(problems)

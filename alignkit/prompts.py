@@ -1,4 +1,4 @@
-"""Prompt sources: inline lists or files (plain text, one prompt per line, or JSONL with metadata)."""
+"""Prompt sources: inline lists or files (plain text, one prompt per line; JSONL or JSON with metadata)."""
 
 from __future__ import annotations
 
@@ -37,30 +37,97 @@ class PromptSet:
 
 
 def read_prompt_file(path: str, field_name: str) -> PromptSet:
-    """Read ``.txt`` (one prompt per line) or ``.jsonl`` (``{"prompt": ..., <metadata>}`` per line)."""
-    p = Path(path)
+    """Read a prompt file named by setting ``prompts.<field_name>``.
+
+    ``.txt`` (or any other suffix): one prompt per line. ``.jsonl``: one object per line with a string
+    ``prompt`` and optional metadata. ``.json``: an array of strings, or of such objects. UTF-8, with or
+    without a byte-order mark. Blank lines after the last prompt are ignored; a blank line before it, an
+    empty prompt or any other content is refused with its line (or item) number.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the content is not what the suffix promises; the message names the setting, the file,
+            the line and the fix.
+    """
+    setting = f"prompts.{field_name}={path!r}"
+    p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"prompts.{field_name}={path!r}: no such file")
-    prompts: list[str] = []
-    meta: list[dict[str, Any]] = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        what = "is a folder, not a file" if p.is_dir() else "no such file"
+        raise FileNotFoundError(f"{setting}: {what}; give the path of a .txt (one prompt per line), .jsonl or "
+                                ".json prompt file")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{setting}: cannot be read ({exc.strerror or exc}); check its permissions") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        utf16 = " (it looks like UTF-16)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise ValueError(f"{setting}: not UTF-8 text{utf16} (byte 0x{raw[exc.start]:02x} on line {line}); save the "
+                         "file as UTF-8") from None
+    if p.suffix == ".json":
+        rows = _json_rows(text, setting)
+    else:
+        rows = _line_rows(text, setting, jsonl=p.suffix == ".jsonl")
+    if not rows:
+        how = "add prompts to its array" if p.suffix == ".json" else "add one prompt per line"
+        raise ValueError(f"{setting} holds no prompts; {how}")
+    return PromptSet([prompt for prompt, _ in rows], [meta for _, meta in rows])
+
+
+def _row(value: Any, where: str, setting: str) -> tuple[str, dict[str, Any]]:
+    """One prompt and its metadata from a string or a ``{"prompt": ..., <metadata>}`` object."""
+    if isinstance(value, dict):
+        meta = dict(value)
+        value = meta.pop("prompt", None)
+        if not isinstance(value, str):
+            raise ValueError(f"{setting}: {where}: needs a string 'prompt' key (found keys: "
+                             f"{', '.join(map(str, meta)) or 'none'})")
+    elif isinstance(value, str):
+        meta = {}
+    else:
+        raise ValueError(f"{setting}: {where}: expected a prompt string or an object with a 'prompt' key, got "
+                         f"{type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{setting}: {where}: the prompt is blank; remove the entry or write the prompt")
+    return value, meta
+
+
+def _line_rows(text: str, setting: str, *, jsonl: bool) -> list[tuple[str, dict[str, Any]]]:
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()  # trailing blank lines end the file; they are not prompts
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        where = f"line {lineno}"
         if not line.strip():
-            continue
-        if p.suffix == ".jsonl":
+            raise ValueError(f"{setting}: {where} is blank; remove it (every line is one prompt)")
+        if jsonl:
             try:
-                row = json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc}); each line must be an object") from exc
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(f"{path}:{lineno}: each JSONL row needs a string 'prompt' key")
-            prompts.append(row.pop("prompt"))
-            meta.append(row)
+                raise ValueError(f"{setting}: {where}: invalid JSON ({exc}); each line must be an object with a "
+                                 "'prompt' key") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"{setting}: {where}: each JSONL row needs a string 'prompt' key, got "
+                                 f"{type(value).__name__}")
+            rows.append(_row(value, where, setting))
         else:
-            prompts.append(line.strip())
-            meta.append({})
-    if not prompts:
-        raise ValueError(f"prompts.{field_name}={path!r} holds no prompts; add one prompt per line")
-    return PromptSet(prompts, meta)
+            rows.append(_row(line.strip(), where, setting))
+    return rows
+
+
+def _json_rows(text: str, setting: str) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{setting}: invalid JSON ({exc}); a .json prompt file holds an array of strings or of "
+                         "objects with a 'prompt' key") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{setting}: a .json prompt file must hold an array of strings or of objects with a "
+                         f"'prompt' key, got {type(data).__name__}")
+    return [_row(item, f"item {i + 1}", setting) for i, item in enumerate(data)]
 
 
 @PROMPT_SOURCES.register("list")

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import logging
+import sys
+import traceback
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -30,10 +34,13 @@ class RegistryError(KeyError):
 
 
 def import_object(path: str) -> object:
-    """Import ``package.module:attr`` or ``package.module.attr``.
+    """Import ``package.module:attr`` or ``package.module.attr``: the module's code runs, like a script's.
 
     Raises:
-        ImportError: with the path and the reason when the module or attribute is missing.
+        ImportError: one line naming the path and the cause: a missing module (with a hint when it is a
+            file of the current folder, which is not on the import path of the ``alignkit`` command), a
+            missing dependency, a syntax error (file:line), an exception raised while the module ran
+            (file:line) or a missing attribute (with the names the module defines).
     """
     if ":" in path:
         module_name, _, attr_path = path.partition(":")
@@ -45,16 +52,54 @@ def import_object(path: str) -> object:
         )
     try:
         obj: object = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ImportError(
-            f"cannot import module {module_name!r} from {path!r}: {exc}. "
-            "Check the spelling and that the module is on PYTHONPATH or installed."
-        ) from exc
-    for part in attr_path.split("."):
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            raise ImportError(f"cannot import module {module_name!r} from {path!r}: no module named {missing!r}. "
+                              "Check the spelling and that the module is on PYTHONPATH or installed."
+                              f"{_cwd_hint(missing)}") from None
+        raise ImportError(f"module {module_name!r} (from {path!r}) could not be imported: it imports {missing!r}, "
+                          f"which is not installed ({_raised_at(exc, module_name)}); install it") from None
+    except SyntaxError as exc:
+        raise ImportError(f"module {module_name!r} (from {path!r}) has a syntax error at {exc.filename}:{exc.lineno}: "
+                          f"{exc.msg}; fix the file") from None
+    except (Exception, SystemExit) as exc:  # the module's own code failed while it ran
+        raise ImportError(f"module {module_name!r} (from {path!r}) raised {type(exc).__name__} while it was imported "
+                          f"({_raised_at(exc, module_name)}): {_one_line(exc)}; fix the module") from None
+    for i, part in enumerate(attr_path.split(".")):
         if not hasattr(obj, part):
-            raise ImportError(f"module {module_name!r} has no attribute {attr_path!r} (from {path!r})")
+            owner = f"module {module_name!r}" if i == 0 else repr(f"{module_name}:{'.'.join(attr_path.split('.')[:i])}")
+            names = sorted(n for n in vars(obj) if not n.startswith("_") and callable(getattr(obj, n)))
+            raise ImportError(f"{owner} has no attribute {part!r} (from {path!r}); it defines: "
+                              f"{', '.join(names) or 'no public callables'}")
         obj = getattr(obj, part)
     return obj
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _raised_at(exc: BaseException, module_name: str) -> str:
+    """``file:line`` where ``exc`` was raised: the deepest frame in the module's own file, else the deepest."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        spec = None
+    own = [f for f in frames if spec is not None and f.filename == spec.origin]
+    frame = (own or frames or [None])[-1]
+    return f"{frame.filename}:{frame.lineno}" if frame is not None else "location unknown"
+
+
+def _cwd_hint(module_name: str) -> str:
+    top = module_name.partition(".")[0]
+    here = Path.cwd()
+    on_path = {str(here), "", "."} & set(sys.path)
+    if not on_path and ((here / f"{top}.py").is_file() or (here / top / "__init__.py").is_file()):
+        return (f" ({top!r} is in the current folder, {here}, which is not on the import path of the alignkit "
+                "command: run with PYTHONPATH=. or install it)")
+    return ""
 
 
 def _is_entry_point(obj: object) -> bool:
@@ -119,7 +164,12 @@ class Registry(Generic[T]):
         if name in self._items:
             obj = self._items[name]
             if _is_entry_point(obj):
-                obj = obj.load()  # type: ignore[union-attr]
+                ep = obj
+                try:  # as ep.load(), with import_object's one-line errors
+                    obj = import_object(f"{ep.module}:{ep.attr}") if ep.attr else ep.load()  # type: ignore[union-attr]
+                except ImportError as exc:
+                    raise ImportError(f"{self.kind} {name!r} (entry point {ep.value!r} of group "  # type: ignore[union-attr]
+                                      f"{self.entry_point_group}): {exc}") from None
                 self._items[name] = obj
             return obj
         if is_import_path(name):

@@ -45,17 +45,34 @@ Response
 ``null`` means "could not score": the trainer masks the sample and counts it, never replaces it. A reward's
 NaN or ±inf is sent as ``null`` (JSON has no NaN; non-standard ``NaN``/``Infinity`` tokens are rejected).
 
+Access
+------
+A server may require a shared secret: the header ``Authorization: Bearer <token>`` on every request (compared
+in constant time). A server refuses requests whose ``Host`` header is not one of its names (loopback names, and
+the address it was bound to; any name when bound to all interfaces), and browser requests from another site
+(an ``Origin`` header other than ``http://<Host>``, or ``Sec-Fetch-Site: cross-site``), so that a web page
+cannot reach a reward served on loopback.
+
 Errors
 ------
-Every error body is ``{"error": "<message naming the field, the value and the fix>"}``.
+Every error body, whatever the status, is ``{"error": "<message naming the field, the value and the fix>"}``
+(a reply to ``HEAD`` has no body).
 
 ===  ==========================================================================================
-400  malformed request: not JSON, a missing or wrongly typed field, lengths that disagree, bad
-     base64 or PNG, sizes that differ within the batch, an unsupported ``version``
+400  malformed request: not JSON, JSON nested deeper than the server's limit, a missing or wrongly
+     typed field, lengths that disagree, bad base64 or PNG, sizes that differ within the batch, an
+     unsupported ``version``
+401  the server requires a token and the request has none, or another one
+403  a ``Host`` that is not the server's, or a cross-site browser request
 404  unknown path (only ``/score`` and ``/health`` exist)
+405  a method other than ``GET /health`` or ``POST /score`` (the ``Allow`` header lists the right one)
 411  no ``Content-Length``
-413  body larger than the server's limit (``--max-request-mb``); send smaller batches
+413  body larger than the server's limit (``--max-request-mb``), an image with more pixels than
+     ``--max-image-pixels`` or a request with more than ``--max-request-pixels`` in all (checked from
+     the PNG headers, before decoding); send smaller batches
 500  the reward raised, or returned the wrong number or type of scores
+503  the reward is busy with other requests for longer than the server's ``--timeout``
+504  the reward gave no scores within the server's ``--timeout``
 ===  ==========================================================================================
 
 Clients retry connection errors, timeouts and 5xx with exponential backoff; a 4xx is a bug in the request
@@ -78,6 +95,8 @@ import numpy as np
 from PIL import Image
 
 PROTOCOL_VERSION = 1
+TOKEN_ENV = "ALIGNKIT_REWARD_TOKEN"
+"""Environment variable holding the shared secret (section Access), read by the server and by the client."""
 KIND_IMAGES, KIND_FRAMES, KIND_TEXT = "images", "frames", "text"
 ENCODINGS = {KIND_IMAGES: "png_base64", KIND_FRAMES: "png_base64", KIND_TEXT: "utf8"}
 """The one encoding of each sample kind in version 1."""
@@ -92,6 +111,46 @@ class ProtocolError(ValueError):
         self.message = message
 
 
+class LimitError(ProtocolError):
+    """A well-formed message larger than the receiver accepts (pixels); answered with 413."""
+
+
+@dataclass
+class PixelBudget:
+    """Pixel limits of one request, checked from each PNG's header before it is decoded (a small PNG can
+    decode to gigabytes: a 230 KB file of 9000 x 9000 pixels is 243 MB of RGB).
+
+    Attributes:
+        per_image: most pixels (H x W) of one image or frame.
+        total: most pixels of all the images and frames of the request together.
+        used: pixels taken so far.
+    """
+
+    per_image: int
+    total: int
+    used: int = 0
+
+    def take(self, width: int, height: int, field: str) -> None:
+        pixels = width * height
+        if pixels > self.per_image:
+            raise LimitError(field, f"{width} x {height} = {pixels} pixels exceeds this server's limit of "
+                                    f"{self.per_image} pixels per image (--max-image-pixels); send smaller images")
+        self.used += pixels
+        if self.used > self.total:
+            raise LimitError(field, f"the request's images hold more than this server's limit of {self.total} "
+                                    "pixels in all (--max-request-pixels); send smaller batches (RemoteReward "
+                                    "max_batch)")
+
+
+def check_token(token: str, what: str) -> str:
+    """``token`` if it can travel in an HTTP header (visible ASCII, no spaces); else ``ValueError`` naming
+    ``what`` (never the token)."""
+    if not isinstance(token, str) or not token or not all(33 <= ord(c) <= 126 for c in token):
+        raise ValueError(f"{what}: the token must be visible ASCII characters without spaces (e.g. the output of "
+                         "`python -c 'import secrets; print(secrets.token_urlsafe())'`)")
+    return token
+
+
 # ---------------------------------------------------------------- pixels
 
 
@@ -104,8 +163,9 @@ def encode_png(image: np.ndarray, compress_level: int = 1) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def decode_png(data: Any, field: str) -> np.ndarray:
-    """A base64 PNG string to a uint8 ``[H, W, 3]`` array; errors name ``field``."""
+def decode_png(data: Any, field: str, budget: PixelBudget | None = None) -> np.ndarray:
+    """A base64 PNG string to a uint8 ``[H, W, 3]`` array; errors name ``field``. With ``budget``, the size in
+    the PNG header is checked against it before any pixel is decoded (:class:`LimitError`)."""
     if not isinstance(data, str):
         raise ProtocolError(field, f"expected a base64 PNG string, got {type(data).__name__}")
     try:
@@ -118,6 +178,8 @@ def decode_png(data: Any, field: str) -> np.ndarray:
                 raise ProtocolError(field, f"expected a PNG, got {img.format}")
             if img.mode != "RGB":
                 raise ProtocolError(field, f"PNG mode is {img.mode!r}; send 8-bit RGB (mode 'RGB')")
+            if budget is not None:
+                budget.take(img.width, img.height, field)
             return np.asarray(img, dtype=np.uint8).copy()
     except ProtocolError:
         raise
@@ -206,10 +268,12 @@ def _stack(arrays: list[np.ndarray], field: str) -> np.ndarray:
     return np.stack(arrays)
 
 
-def decode_samples(samples: EncodedSamples, field: str = "samples") -> np.ndarray | list[str]:
+def decode_samples(samples: EncodedSamples, field: str = "samples",
+                   budget: PixelBudget | None = None) -> np.ndarray | list[str]:
     """Images to uint8 ``[B, H, W, 3]``, frames to uint8 ``[B, F, H, W, 3]``, text to ``list[str]``.
 
-    An empty batch of images or frames decodes to shape ``[0, 0, 0, 3]`` / ``[0, 0, 0, 0, 3]``.
+    An empty batch of images or frames decodes to shape ``[0, 0, 0, 3]`` / ``[0, 0, 0, 0, 3]``. With
+    ``budget``, every image is checked against the pixel limits before it is decoded.
     """
     data_field = f"{field}.data"
     if samples.kind == KIND_TEXT:
@@ -217,12 +281,13 @@ def decode_samples(samples: EncodedSamples, field: str = "samples") -> np.ndarra
     if samples.kind == KIND_IMAGES:
         if not samples.data:
             return np.zeros((0, 0, 0, 3), dtype=np.uint8)
-        return _stack([decode_png(d, f"{data_field}[{i}]") for i, d in enumerate(samples.data)], data_field)
+        return _stack([decode_png(d, f"{data_field}[{i}]", budget) for i, d in enumerate(samples.data)], data_field)
     if samples.kind == KIND_FRAMES:
         if not samples.data:
             return np.zeros((0, 0, 0, 0, 3), dtype=np.uint8)
         videos = [
-            _stack([decode_png(f, f"{data_field}[{i}][{j}]") for j, f in enumerate(video)], f"{data_field}[{i}]")
+            _stack([decode_png(f, f"{data_field}[{i}][{j}]", budget) for j, f in enumerate(video)],
+                   f"{data_field}[{i}]")
             for i, video in enumerate(samples.data)
         ]
         return _stack(videos, data_field)
@@ -291,9 +356,38 @@ def _reject_constant(token: str) -> Any:
     raise ValueError(f"non-standard JSON constant {token}; send null for a sample that cannot be scored")
 
 
-def parse_json(body: bytes | str) -> Any:
-    """Strict JSON (no ``NaN``/``Infinity``); raises ``ValueError`` with the reason."""
-    return json.loads(body, parse_constant=_reject_constant)
+DEFAULT_MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays and objects accepted in a message; a request needs 4 (frames) plus its metadata's."""
+
+
+def parse_json(body: bytes | str, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
+    """Strict JSON (no ``NaN``/``Infinity``), nested at most ``max_depth`` arrays / objects deep.
+
+    Raises:
+        ValueError: with the reason (``UnicodeDecodeError`` and ``JSONDecodeError`` are value errors).
+    """
+    try:
+        obj = json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than this side's limit of {max_depth} levels") from None
+    depth = json_depth(obj)
+    if depth > max_depth:
+        raise ValueError(f"JSON nested {depth} levels deep exceeds this side's limit of {max_depth}; send flatter "
+                         "metadata")
+    return obj
+
+
+def json_depth(obj: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0, ``[]`` is 1), without recursion."""
+    deepest = 0
+    stack = [(obj, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack.extend((child, depth) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 # ---------------------------------------------------------------- scores
@@ -321,7 +415,12 @@ def check_scores(values: Any, n: int, source: str) -> list[float | None]:
         if v is None:
             out.append(None)
         elif isinstance(v, numbers.Real) and not isinstance(v, bool):
-            f = float(v)
+            try:
+                f = float(v)
+            except OverflowError:
+                raise ProtocolError(f"scores[{i}]", f"{source} returned a number too large for a float for sample "
+                                                    f"{i}; expected a float, or null when it cannot be scored"
+                                    ) from None
             out.append(f if math.isfinite(f) else None)
         else:
             raise ProtocolError(f"scores[{i}]", f"{source} returned {v!r} ({type(v).__name__}) for sample {i}; "

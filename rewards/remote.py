@@ -11,15 +11,20 @@ Preprocessing: images ``[B, 3, H, W]`` and videos ``[B, F, 3, H, W]`` in [0, 1] 
 ``rewards.common.to_uint8``) and sent as PNG; text samples (``list[str]``) are sent as strings. Output
 scale: whatever the served reward returns; ``None`` where it could not score (NaN and ±inf arrive as None).
 
-Connections go directly to ``url``: the ``http_proxy`` environment variables are not used.
+Connections go directly to ``url``: the ``http_proxy`` environment variables are not used. A server started
+with a token (``--token`` or ``ALIGNKIT_REWARD_TOKEN``) needs the same token here: ``token`` (write it
+``env:VAR`` in a recipe, so that it stays out of the run folder) or ``ALIGNKIT_REWARD_TOKEN``. Over plain
+``http://`` the token travels unencrypted: use it on a trusted network or through a tunnel.
 """
 
 from __future__ import annotations
 
 import http.client
 import logging
+import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
@@ -30,9 +35,11 @@ from alignkit.reward_protocol import (
     KIND_FRAMES,
     KIND_IMAGES,
     KIND_TEXT,
+    TOKEN_ENV,
     EncodedSamples,
     ProtocolError,
     ScoreRequest,
+    check_token,
     decode_scores,
     encode_frames,
     encode_images,
@@ -119,22 +126,34 @@ class RemoteReward:
         backoff: seconds before the first retry; doubled before each further one.
         max_batch: most samples per request; larger calls are split and scored batch after batch.
         kind: ``auto`` (from the samples' layout), ``images``, ``frames`` or ``text``.
+        token: the server's shared secret, sent as ``Authorization: Bearer <token>``; None reads
+            ``ALIGNKIT_REWARD_TOKEN`` (unset or empty: no token). Never shown in ``repr`` or errors.
 
     Raises (when called):
         RemoteRewardError: naming the URL and the problem; after retries, with the last error.
     """
 
     def __init__(self, url: str, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5, max_batch: int = 32,
-                 kind: str = "auto") -> None:
+                 kind: str = "auto", token: str | None = None) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"RemoteReward url={url!r}: give the server's address, e.g. 'http://127.0.0.1:8900'")
-        if not timeout > 0:
-            raise ValueError(f"RemoteReward timeout={timeout}: must be > 0 seconds")
-        if not (isinstance(retries, int) and retries >= 0):
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+        except ValueError as exc:
+            raise ValueError(f"RemoteReward url={url!r}: {exc}; e.g. 'http://127.0.0.1:8900'") from None
+        if not parts.hostname:
+            raise ValueError(f"RemoteReward url={url!r} names no host; e.g. 'http://127.0.0.1:8900'")
+        if parts.query or parts.fragment:
+            raise ValueError(f"RemoteReward url={url!r}: give the server's base address without ?query or #fragment "
+                             "(requests go to <url>/score)")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ValueError(f"RemoteReward timeout={timeout!r}: must be a finite number of seconds > 0")
+        if isinstance(retries, bool) or not (isinstance(retries, int) and retries >= 0):
             raise ValueError(f"RemoteReward retries={retries}: must be an integer >= 0 (0 = no retry)")
-        if not backoff >= 0:
-            raise ValueError(f"RemoteReward backoff={backoff}: must be >= 0 seconds")
-        if not (isinstance(max_batch, int) and max_batch >= 1):
+        if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or not 0 <= backoff < float("inf"):
+            raise ValueError(f"RemoteReward backoff={backoff!r}: must be a finite number of seconds >= 0")
+        if isinstance(max_batch, bool) or not (isinstance(max_batch, int) and max_batch >= 1):
             raise ValueError(f"RemoteReward max_batch={max_batch}: must be an integer >= 1")
         if kind not in KINDS:
             raise ValueError(f"RemoteReward kind={kind!r}: use one of {', '.join(KINDS)}")
@@ -144,6 +163,9 @@ class RemoteReward:
         self.backoff = float(backoff)
         self.max_batch = max_batch
         self.kind = kind
+        token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        self._headers = {} if token is None else {
+            "Authorization": f"Bearer {check_token(token, 'RemoteReward token')}"}
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def __repr__(self) -> str:
@@ -168,7 +190,8 @@ class RemoteReward:
     def health(self) -> dict[str, Any]:
         """``GET /health`` (one attempt): the server's name and protocol version."""
         try:
-            with self._opener.open(f"{self.url}/health", timeout=self.timeout) as resp:
+            request = urllib.request.Request(f"{self.url}/health", headers=self._headers)
+            with self._opener.open(request, timeout=self.timeout) as resp:
                 return parse_json(resp.read())
         except urllib.error.HTTPError as exc:
             raise RemoteRewardError(f"remote reward {self.url}/health answered HTTP {exc.code}: "
@@ -187,7 +210,7 @@ class RemoteReward:
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             request = urllib.request.Request(url, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
+                                             headers={"Content-Type": "application/json", **self._headers})
             try:
                 with self._opener.open(request, timeout=self.timeout) as resp:
                     raw = resp.read()
