@@ -18,7 +18,7 @@ seeds and counts. Options (``prompts.options``):
 
 * ``seed`` (0): seed of the draws; each tag draws from its own stream, so changing one tag's count leaves the
   other tags' prompts unchanged.
-* ``tags`` (all six): the tasks to draw.
+* ``tags`` (all six): the tasks to draw. (``null`` for ``tags``, ``counts`` or ``eval_counts`` means the default.)
 * ``counts``: distinct training prompts per tag, an int for every tag or ``{tag: n}`` over
   :data:`DEFAULT_COUNTS`.
 * ``eval``: ``heldout`` (default; ``eval_counts`` prompts per tag, over :data:`DEFAULT_EVAL_COUNTS`, from the
@@ -233,7 +233,8 @@ def geneval_source(cfg: PromptsConfig) -> tuple[PromptSet, PromptSet]:
     seed = opts.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"prompts.options.seed={seed!r}: give an integer")
-    tags = opts.get("tags", list(TAGS))
+    tags = opts.get("tags")
+    tags = list(TAGS) if tags is None else tags
     if isinstance(tags, str) or not isinstance(tags, Sequence) or not tags or not set(tags) <= set(TAGS):
         raise ValueError(f"prompts.options.tags={tags!r}: choose a non-empty list from {', '.join(TAGS)}")
     tags = [t for t in TAGS if t in tags]
@@ -258,7 +259,7 @@ def geneval_source(cfg: PromptsConfig) -> tuple[PromptSet, PromptSet]:
     if not train:
         raise ValueError(f"prompts.options.counts={counts}: no training prompts; give some tag a count > 0")
     if mode == "benchmark":
-        if "eval_counts" in opts:
+        if opts.get("eval_counts") is not None:
             raise ValueError("prompts.options.eval_counts is for eval=heldout; eval=benchmark uses GenEval's prompts")
         evaluation = [r for r in benchmark_rows() if r["tag"] in tags]
     else:

@@ -170,6 +170,7 @@ def test_geneval_jsonl_file_loads_with_its_metadata(tmp_path: Path) -> None:
 
 def test_recipe_group_composes() -> None:
     cfg = load_run_config("sd3_tiny_flow_grpo", ["prompts=geneval", "prompts.options.eval=benchmark"])
-    assert cfg.prompts.source == "geneval" and cfg.prompts.options == {"seed": 0, "eval": "benchmark"}
+    assert cfg.prompts.source == "geneval"
+    assert cfg.prompts.options == {"seed": 0, "tags": None, "counts": None, "eval": "benchmark", "eval_counts": None}
     train, evaluation = load_prompts(cfg.prompts)
     assert len(evaluation) == 553 and len(train) == sum(DEFAULT_COUNTS.values()) - DEFAULT_COUNTS["single_object"]
