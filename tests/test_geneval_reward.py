@@ -329,3 +329,21 @@ def test_cli_serve_reward_geneval_on_loopback(dirs: dict[str, Path], dog_reward:
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+@pytest.mark.integration
+def test_tiny_sd3_trains_one_epoch_on_geneval_prompts_and_reward(dirs: dict[str, Path], tmp_path: Path) -> None:
+    from alignkit.metrics import read_metrics
+    from alignkit.trainer import Trainer
+
+    out = tmp_path / "run"
+    cfg = load_run_config("sd3_tiny_flow_grpo", [
+        "reward=geneval", "prompts=geneval", f"reward.geneval.kwargs.detector={dirs['dog_detector']}",
+        f"reward.geneval.kwargs.clip={dirs['clip']}", "reward.geneval.kwargs.detector_size=64",
+        "reward.geneval.kwargs.device=cpu", "prompts.options.counts=2", "prompts.options.eval_counts=1",
+        f"output_dir={out}", "train.epochs=1", "train.prompts_per_epoch=2", "algo.num_seeds=2",
+        "train.rollout_batch_size=4", "train.train_batch_size=4", "backbone.num_steps=3", "train.sample_every=1",
+        "train.checkpoint_every=1"])
+    Trainer(cfg, tensorboard=False).train()
+    (row,) = read_metrics(out / "metrics.jsonl")
+    assert row["reward/geneval_invalid"] == 0 and -16 < row["reward/geneval_mean"] <= 1
