@@ -216,6 +216,10 @@ def _counts(value: Any, tags: Sequence[str], defaults: Mapping[str, int], key: s
     unknown = sorted(set(value) - set(TAGS))
     if unknown:
         raise ValueError(f"prompts.options.{key} has unknown tags {unknown}; use {', '.join(TAGS)}")
+    unselected = sorted(set(value) - set(tags))
+    if unselected:
+        raise ValueError(f"prompts.options.{key} gives counts for {unselected}, which prompts.options.tags={tags} "
+                         "leaves out; add them to tags or drop their counts")
     out = {t: value.get(t, defaults[t]) for t in tags}
     for t, n in out.items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:

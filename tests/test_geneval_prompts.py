@@ -143,6 +143,7 @@ def test_benchmark_evaluation_keeps_its_prompts_out_of_training() -> None:
         ({"tags": []}, ["prompts.options.tags=[]"]),
         ({"counts": {"single": 3}}, ["prompts.options.counts has unknown tags ['single']"]),
         ({"counts": {"colors": -1}}, ["prompts.options.counts.colors=-1", ">= 0"]),
+        ({"tags": ["counting"], "counts": {"position": 3}}, ["counts gives counts for ['position']", "add them"]),
         ({"counts": "many"}, ["prompts.options.counts='many'"]),
         ({"counts": {"single_object": 70}}, ["counts.single_object=70: only 66 distinct", "lower it"]),
         ({"counts": 0}, ["no training prompts"]),

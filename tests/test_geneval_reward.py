@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from alignkit import cli
 from alignkit.compose import load_run_config
 from alignkit.errors import ModelLoadError
 from alignkit.prompts import load_prompts
@@ -241,6 +242,8 @@ def test_bad_settings_fail_before_any_model_loads(dirs: dict[str, Path]) -> None
         GenEval(str(dirs["detector"]), "/no/such/clip", **SIZE)
     with pytest.raises(ValueError, match="background='grey-ish' is not a colour"):
         GenEval(str(dirs["detector"]), str(dirs["clip"]), background="grey-ish", **SIZE)
+    assert cli.main(["serve-reward", "geneval", "--kwargs", '{"mode": "best"}']) == 2  # one log line, no traceback
+    assert cli.main(["serve-reward", "geneval", "--kwargs", '{"detector": "/no/such/detector"}']) == 2
 
 
 def test_bad_metadata_is_named(dog_reward: GenEval, images: torch.Tensor) -> None:
