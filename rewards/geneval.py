@@ -36,7 +36,9 @@ Pipeline, per image (``geneval.md`` sections 2-4):
    (224 px bicubic short-side resize, centre crop, OpenAI mean/std).
 
 Known differences to GenEval's numbers: the detector weights and the resize kernels differ from mmdetection's,
-so scores near the thresholds and duplicate counts can differ (counting is the most sensitive task). flow_grpo's
+so scores near the thresholds and duplicate counts can differ (counting is the most sensitive task); where the
+resized image is not a multiple of 32 pixels, transformers' processor stretches it to one where mmdetection pads
+(square 512 or 1024 px images resize to 800 x 800 either way). flow_grpo's
 client JPEG-encodes images and its server hands the detector RGB as BGR; neither is reproduced here.
 
 Images with a non-finite pixel score ``None``. A metadata row that is missing, malformed or names a class the
@@ -241,19 +243,28 @@ def color_crop(image: Image.Image, detection: Detection, background: str = BACKG
     return image.crop(detection.box)
 
 
+def check_background(background: str) -> str:
+    """``background`` if PIL reads it as a colour.
+
+    Raises:
+        ValueError: naming the setting and GenEval's value.
+    """
+    from PIL import ImageColor
+
+    try:
+        ImageColor.getrgb(background)
+    except (ValueError, AttributeError):
+        raise ValueError(f"background={background!r} is not a colour; GenEval uses '#999999'") from None
+    return background
+
+
 class ColorClassifier:
     """CLIP zero-shot colour of object crops, GenEval's way (module docstring); class embeddings are cached."""
 
     def __init__(self, model: str = DEFAULT_CLIP, processor: str | None = None, *, background: str = BACKGROUND,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                  batch_size: int = 16) -> None:
-        from PIL import ImageColor
-
-        try:
-            ImageColor.getrgb(background)
-        except ValueError:
-            raise ValueError(f"background={background!r} is not a colour; GenEval uses '#999999'") from None
-        self.background = background
+        self.background = check_background(background)
         self.clip = _load("clip", model, lambda: CLIPReward(model, processor, device, dtype, batch_size),
                           f"Give a CLIP folder or hub id, e.g. {DEFAULT_CLIP}.")
         self._classes: dict[str, torch.Tensor] = {}
@@ -305,6 +316,7 @@ class GenEval:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be at least 1")
         self.config = GenEvalConfig(threshold, counting_threshold, max_per_class, max_overlap, position_threshold)
+        check_background(background)
         self.mode, self.batch_size = mode, batch_size
         self.detector = Mask2FormerDetector(detector, size=detector_size, max_size=detector_max_size, device=device,
                                             dtype=dtype)

@@ -241,7 +241,7 @@ def test_bad_settings_fail_before_any_model_loads(dirs: dict[str, Path]) -> None
     with pytest.raises(ModelLoadError, match="GenEval clip='/no/such/clip' cannot be loaded"):
         GenEval(str(dirs["detector"]), "/no/such/clip", **SIZE)
     with pytest.raises(ValueError, match="background='grey-ish' is not a colour"):
-        GenEval(str(dirs["detector"]), str(dirs["clip"]), background="grey-ish", **SIZE)
+        GenEval("/no/such/detector", background="grey-ish")
     assert cli.main(["serve-reward", "geneval", "--kwargs", '{"mode": "best"}']) == 2  # one log line, no traceback
     assert cli.main(["serve-reward", "geneval", "--kwargs", '{"detector": "/no/such/detector"}']) == 2
 
