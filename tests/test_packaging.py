@@ -8,6 +8,7 @@ repository: entry points, recipes, shipped weights and the CLI must all come fro
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -50,8 +51,13 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dist = tmp_path_factory.mktemp("dist")
+    # built from a copy: setuptools writes alignkit.egg-info into the source folder, and a stale one in the
+    # repository root would shadow the installed entry points of any process started there
+    source = tmp_path_factory.mktemp("source") / "alignkit"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "venv", "outputs", "runs", "site", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(REPO)], check=True, capture_output=True, text=True)
+                    str(source)], check=True, capture_output=True, text=True)
     (path,) = dist.glob("alignkit-*.whl")
     return path
 
@@ -88,6 +94,7 @@ def test_the_installed_wheel_resolves_entry_points_recipes_and_weights_from_itse
     proc = subprocess.run([str(py), "-c", PROBE], cwd=work, capture_output=True, text=True, timeout=600,
                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(REPO.glob("*.egg-info")), "building the wheel left metadata in the repository"
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     inside = str(purelib)
     assert out["alignkit"].startswith(inside)
