@@ -262,10 +262,11 @@ def command_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("kind", nargs="?", metavar="KIND", help="what to list (default: recipes and the kinds)")
     else:
         parser = argparse.ArgumentParser(prog=f"alignkit {command}", description=RECIPE_COMMANDS[command] + ".",
+                                         usage=f"alignkit {command} [-h] [-q] [-v] [RECIPE] [KEY=VALUE ...]",
                                          epilog=OVERRIDES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
                                          allow_abbrev=False)
-        parser.add_argument("words", nargs="*", metavar="[RECIPE] [KEY=VALUE ...]",
-                            help=f"recipe (default: {DEFAULT_RECIPE}) and overrides")
+        parser.add_argument("words", nargs="*", metavar="RECIPE KEY=VALUE",
+                            help=f"the recipe (default: {DEFAULT_RECIPE}) and overrides, in any order")
     _add_common_options(parser, top=False)
     return parser
 
@@ -276,6 +277,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     if not argv:
         top.print_help(sys.stderr)
         raise SystemExit(2)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is not None and command not in COMMANDS:
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        top.error(f"unknown command {command!r}{hint}; choose one of {', '.join(COMMANDS)}")
     ns = top.parse_args(argv)
     return command_parser(ns.command).parse_intermixed_args(ns.args, namespace=ns)
 

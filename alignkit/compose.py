@@ -157,10 +157,15 @@ def _check_yaml(path: Path) -> None:
     except UnicodeDecodeError as exc:
         raise ValueError(f"recipe file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        def at(mark: Any) -> str:
+            return f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+        problem_at, context_at = at(getattr(exc, "problem_mark", None)), at(getattr(exc, "context_mark", None))
         what = getattr(exc, "problem", None) or str(exc)
-        raise ValueError(f"recipe file {path}: YAML syntax error{where}: {what}") from None
+        context = getattr(exc, "context", None)
+        detail = f" ({context} at {context_at})" if context and context_at else ""
+        where = f" at {problem_at}" if problem_at else ""
+        raise ValueError(f"recipe file {path}: YAML syntax error{where}: {what}{detail}") from None
     if data is not None and not isinstance(data, dict):
         raise ValueError(f"recipe file {path} must be a YAML mapping of settings (with an optional defaults "
                          f"list), not a {type(data).__name__}; see `alignkit show sd3_tiny_flow_grpo` for one")
@@ -231,7 +236,7 @@ def _unknown_setting(line: str, parts: list[str], i: int, valid: list[str]) -> s
     if i == 0:
         groups = ", ".join(CONFIG_GROUPS)
         hint = f" Did you mean {close!r} ({line.replace(part, close, 1)})?" if close else ""
-        return (f"{line}: unknown config group or setting {part!r}.{hint} Config groups (GROUP=OPTION, options: "
+        return (f"{line}: unknown setting or config group {part!r}.{hint} Config groups (GROUP=OPTION, options: "
                 f"alignkit list GROUP): {groups}; valid settings of the run (KEY=VALUE or KEY.FIELD=VALUE): "
                 f"{', '.join(valid)}")
     hint = f" Did you mean {here}.{close}?" if close else ""
