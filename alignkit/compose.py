@@ -35,6 +35,7 @@ RECIPE_SUFFIXES = (".yaml", ".yml")
 BASE_CONFIG = "alignkit_defaults"
 """Every field of :class:`RunConfig` with its default; recipes list ``/alignkit_defaults`` first in their
 defaults so that any field can be overridden on the command line without hydra's ``+``."""
+RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(RunConfig))
 RUN_CONFIG_FILE = "config.yaml"
 OVERRIDES_FILE = "overrides.yaml"
 
@@ -235,7 +236,7 @@ def _unknown_setting(line: str, parts: list[str], i: int, valid: list[str]) -> s
     close = _closest(part, valid)
     if i == 0:
         groups = ", ".join(CONFIG_GROUPS)
-        hint = f" Did you mean {close!r} ({line.replace(part, close, 1)})?" if close else ""
+        hint = f" Did you mean {close!r} ({line.lstrip('+').replace(part, close, 1)})?" if close else ""
         return (f"{line}: unknown setting or config group {part!r}.{hint} Config groups (GROUP=OPTION, options: "
                 f"alignkit list GROUP): {groups}; valid settings of the run (KEY=VALUE or KEY.FIELD=VALUE): "
                 f"{', '.join(valid)}")
@@ -295,8 +296,10 @@ def _prepare_overrides(overrides: list[str], source: RecipeSource) -> tuple[list
         if override.is_sweep_override():
             problems.append(f"{line}: sweeps (several values) are not supported; give one value")
             continue
-        if key.split(".")[0] == "hydra" or override.package is not None:
-            prepared.append(_Override(line, line, key))  # hydra's own settings (hydra.searchpath), packages
+        root_key = key.split(".")[0]
+        own_group = root_key not in RUN_FIELDS and any((d / root_key).is_dir() for d in source.search_dirs)
+        if root_key == "hydra" or override.package is not None or own_group:
+            prepared.append(_Override(line, line, key))  # hydra's settings, packages, a recipe file's own groups
             continue
         if key == "recipe":
             problems.append(f"{line}: recipe is set from the RECIPE argument (alignkit train RECIPE ...), "

@@ -109,10 +109,12 @@ defaults:
   - algo: mine
   - train: cpu_tiny
   - prompts: simple_objects
+  - speed: slow
   - _self_
 output_dir: outputs/mine
 train: {epochs: 5}
 """
+SPEED = "# @package _global_\n# {what}\ntrain: {{sample_every: {every}}}\n"
 
 
 def test_recipe_file_resolves_shipped_and_own_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -120,6 +122,9 @@ def test_recipe_file_resolves_shipped_and_own_groups(tmp_path: Path, monkeypatch
     (tmp_path / "recipes" / "algo").mkdir(parents=True)
     (tmp_path / "recipes" / "mine.yaml").write_text(USER_RECIPE)
     (tmp_path / "recipes" / "algo" / "mine.yaml").write_text("defaults: [flow_grpo, _self_]\nnum_seeds: 8\n")
+    (tmp_path / "recipes" / "speed").mkdir()  # a group of the user's own
+    (tmp_path / "recipes" / "speed" / "slow.yaml").write_text(SPEED.format(what="samples rarely", every=50))
+    (tmp_path / "recipes" / "speed" / "fast.yaml").write_text(SPEED.format(what="samples often", every=1))
     monkeypatch.chdir(tmp_path)
     assert main(["show", "recipes/mine.yaml"]) == 0  # relative to the working directory
     shown = yaml.safe_load(capsys.readouterr().out)
@@ -129,6 +134,12 @@ def test_recipe_file_resolves_shipped_and_own_groups(tmp_path: Path, monkeypatch
     assert main(["show", str(tmp_path / "recipes" / "mine.yaml"), "algo=tempflow_grpo", "train.epochs=2"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["algo"]["name"] == "tempflow_grpo" and shown["train"]["epochs"] == 2
+    assert shown["train"]["sample_every"] == 50
+    assert main(["show", "recipes/mine.yaml", "algo=flow_grpo", "speed=fast"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["sample_every"] == 1 and shown["algo"]["num_seeds"] == 4
+    assert main(["show", "recipes/mine.yaml", "algo=mine"]) == 0  # an option only the file's folder has
+    assert yaml.safe_load(capsys.readouterr().out)["algo"]["num_seeds"] == 8
 
 
 def test_shown_config_is_a_recipe_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
