@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import alignkit.credit
 import alignkit.flow
 import alignkit.plans  # noqa: F401  (registers the exploration plans)
-from alignkit.compose import DEFAULT_RECIPE, compose_recipe, list_recipes, load_run_config
-from alignkit.config import ConfigError, RunConfig, build_config
+from alignkit.compose import (
+    DEFAULT_RECIPE,
+    compose_recipe,
+    list_recipes,
+    load_run_config,
+    read_run_config,
+    write_run_config,
+)
+from alignkit.config import ConfigError, RunConfig, build_config, to_dict
 from alignkit.registry import (
     CREDIT_ASSIGNERS,
     EXPLORATION_PLANS,
@@ -205,3 +214,21 @@ def test_multi_objective_recipe_weights_and_drops_from_the_command_line() -> Non
         "shapeeval": ("shapeeval", 1.0), "jpeg": ("jpeg_compressibility", 0.5)}
     assert cfg.algo.reward_aggregation == "normalize_then_sum"
     assert list(load_run_config("shapes_multi_objective", ["~reward.jpeg"]).reward) == ["shapeeval"]
+
+
+def test_run_config_written_atomically_and_read_back(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert read_run_config(out) is None  # nothing written yet
+    overrides = ["train.epochs=3", "reward.jpeg_compressibility.weight=0.5"]
+    cfg = load_run_config("sd3_tiny_flow_grpo", overrides)
+    write_run_config(out, cfg, overrides)
+    saved = read_run_config(out)
+    assert saved is not None and saved.overrides == overrides
+    assert saved.config == to_dict(cfg) and saved.run_config() == cfg
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "overrides.yaml"]  # no temporary files left
+    write_run_config(out, load_run_config("sd3_tiny_flow_grpo"), [])  # rewritten in place
+    again = read_run_config(out)
+    assert again is not None and again.overrides == [] and again.config["train"]["epochs"] == 12
+    (out / "config.yaml").write_text("train: {epochs: 3\n")
+    with pytest.raises(ValueError, match=r"config\.yaml is not readable YAML"):
+        read_run_config(out)
