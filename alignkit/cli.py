@@ -1,32 +1,87 @@
 """The ``alignkit`` command.
 
-    alignkit train [RECIPE] [key=value ...]    train (default recipe: ``default``)
-    alignkit eval  [RECIPE] [key=value ...]    deterministic sampling of held-out prompts, reward table, grid
-    alignkit list  [recipes|samplers|rewards|plans|steps|credit]
+    alignkit train [RECIPE] [KEY=VALUE ...]    train (default recipe: ``default``)
+    alignkit eval  [RECIPE] [KEY=VALUE ...]    deterministic sampling of held-out prompts, reward table, grid
+    alignkit show  [RECIPE] [KEY=VALUE ...]    print the composed, validated configuration as YAML
+    alignkit list  [KIND]                      recipes, config group options, registered components
     alignkit serve-reward NAME [--host H] [--port P] [--kwargs JSON]    serve a reward over HTTP
+    alignkit --version
+
+RECIPE is a shipped recipe name (``alignkit list``) or a path to your own YAML recipe file; options
+(``-q``, ``-v``) go before or after it. Without arguments the command prints its help and exits with status 2
+(argparse's convention for a missing command: a script that ran a bare ``alignkit`` must not look successful).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import math
+import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from alignkit.compose import DEFAULT_RECIPE, list_recipes, load_run_config
+from alignkit.compose import (
+    CONFIG_GROUPS,
+    DEFAULT_RECIPE,
+    config_yaml,
+    describe,
+    group_options,
+    list_recipes,
+    load_run_config,
+    recipes_dir,
+    write_run_config,
+)
 from alignkit.config import ConfigError
 from alignkit.errors import AlignkitError
 
 logger = logging.getLogger("alignkit")
 
+REGISTRY_KINDS = ("samplers", "rewards", "plans", "steps", "credit")
+RECIPE_COMMANDS = {
+    "train": "train a recipe: rollouts, rewards, credit, policy updates, checkpoints",
+    "eval": "deterministic sampling of the held-out prompts: reward table and captioned grid",
+    "show": "print the composed, validated configuration as YAML (nothing is loaded)",
+}
+COMMANDS = {
+    **RECIPE_COMMANDS,
+    "list": "list recipes (no KIND), a config group's options or a registry's components",
+    "serve-reward": "serve a reward over HTTP",
+}
+OVERRIDES_HELP = """\
+RECIPE: a name from `alignkit list` or a path to your own YAML recipe file (ending in .yaml; its defaults
+list may use the shipped config groups). KEY=VALUE pairs override any field (`alignkit show RECIPE` prints
+them all):
+  train.epochs=4 algo.objective.beta=0         set fields
+  algo=flow_grpo backbone=sd3_tiny             choose a config group option (alignkit list algo)
+  reward=jpeg_incompressibility                replace the rewards by a reward group option
+  reward.ocr={fn: ocr, weight: 0.3}            add one reward term (or change one: reward.jpeg.weight=0.5)
+  '~reward.jpeg'                               drop one reward term
+A mapping for the whole reward set (+reward={...}) would be merged with the recipe's rewards and is refused
+unless the recipe's are dropped first ('~reward' '+reward={...}').
+"""
+ACCELERATE_MODES = {
+    "ACCELERATE_USE_FSDP": "accelerate's FSDP (accelerate launch --use_fsdp)",
+    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed (accelerate launch --use_deepspeed)",
+    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM (accelerate launch --use_megatron_lm)",
+}
+
 
 def _split(args: list[str]) -> tuple[str, list[str]]:
-    """First positional without ``=`` is the recipe; the rest are hydra overrides."""
-    if args and "=" not in args[0] and not args[0].startswith(("~", "+")):
-        return args[0], args[1:]
-    return DEFAULT_RECIPE, args
+    """The one word that is not an override (no ``=``, no ``~``/``+`` prefix) is the recipe, wherever it
+    stands; the rest are hydra overrides.
+
+    Raises:
+        ValueError: more than one such word.
+    """
+    recipes = [a for a in args if "=" not in a and not a.startswith(("~", "+"))]
+    if len(recipes) > 1:
+        raise ValueError(f"give one recipe, got {len(recipes)}: {', '.join(recipes)}; overrides are KEY=VALUE "
+                         "(e.g. train.epochs=3) and deletions ~KEY")
+    return (recipes[0] if recipes else DEFAULT_RECIPE), [a for a in args if a not in recipes]
 
 
 def _register_plugins() -> None:
@@ -37,11 +92,18 @@ def _register_plugins() -> None:
     import alignkit.prompts  # noqa: F401
 
 
+def _is_main_process() -> bool:
+    """Whether this is the first (or only) process: ``accelerate launch`` / torchrun set ``RANK`` per process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cmd_train(args: list[str]) -> int:
     from alignkit.trainer import Trainer
 
     recipe, overrides = _split(args)
     cfg = load_run_config(recipe, overrides)
+    if _is_main_process():
+        write_run_config(cfg.output_dir, cfg, overrides)
     logger.info("recipe %s -> %s", recipe, cfg.output_dir)
     trainer = Trainer(cfg)
     state = trainer.train()
@@ -87,54 +149,208 @@ def cmd_eval(args: list[str]) -> int:
     return 0
 
 
-def cmd_list(args: list[str]) -> int:
-    from alignkit import registry
-
-    _register_plugins()
-    what = args[0] if args else "recipes"
-    tables = {"samplers": registry.SAMPLERS, "rewards": registry.REWARDS, "plans": registry.EXPLORATION_PLANS,
-              "steps": registry.STEP_KINDS, "credit": registry.CREDIT_ASSIGNERS}
-    if what == "recipes":
-        names = list_recipes()
-    elif what in tables:
-        names = tables[what].names()
-    else:
-        raise ValueError(f"alignkit list {what!r}: choose one of recipes, {', '.join(tables)}")
-    print("\n".join(names))  # noqa: T201 - the command's output
+def cmd_show(args: list[str]) -> int:
+    recipe, overrides = _split(args)
+    cfg = load_run_config(recipe, overrides)
+    sys.stdout.write(config_yaml(cfg))
     return 0
 
 
-def cmd_serve_reward(args: list[str]) -> int:
-    """``alignkit serve-reward``: arguments, limits and the server live in :mod:`alignkit.reward_server`."""
-    from alignkit.reward_server import main as serve_main
+def _rows(rows: list[tuple[str, str]]) -> str:
+    width = max((len(name) for name, _ in rows), default=0)
+    return "".join(f"{name:<{width}}  {text}".rstrip() + "\n" for name, text in rows)
 
-    return serve_main(args)
+
+def cmd_list(args: list[str]) -> int:
+    from alignkit import registry
+
+    kinds = ["recipes", *CONFIG_GROUPS, *REGISTRY_KINDS]
+    what = args[0] if args else None
+    if what is None or what == "recipes":
+        root = recipes_dir()
+        text = _rows([(name, describe(root / f"{name}.yaml")) for name in list_recipes(root)])
+        if what is None:
+            text = ("recipes (alignkit train|eval|show RECIPE):\n" + text +
+                    "\nalignkit list KIND lists more; KIND is one of\n"
+                    "  recipes\n"
+                    f"  config groups, chosen with GROUP=OPTION: {', '.join(CONFIG_GROUPS)}\n"
+                    f"  registered components, named inside recipes: {', '.join(REGISTRY_KINDS)}\n")
+    elif what in CONFIG_GROUPS:
+        text = _rows([(name, describe(path)) for name, path in group_options(what).items()])
+    elif what in REGISTRY_KINDS:
+        _register_plugins()
+        tables = {"samplers": registry.SAMPLERS, "rewards": registry.REWARDS, "plans": registry.EXPLORATION_PLANS,
+                  "steps": registry.STEP_KINDS, "credit": registry.CREDIT_ASSIGNERS}
+        text = "".join(f"{name}\n" for name in tables[what].names())
+    else:
+        close = difflib.get_close_matches(what, kinds, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"alignkit list {what}: unknown kind{hint}; choose one of {', '.join(kinds)}")
+    sys.stdout.write(text)
+    return 0
+
+
+def cmd_serve_reward(ns: argparse.Namespace) -> int:
+    """``alignkit serve-reward``: the arguments, limits and server live in :mod:`alignkit.reward_server`."""
+    from alignkit.reward_server import run
+
+    return run(ns)
+
+
+def _version() -> str:
+    try:
+        return version("alignkit")
+    except PackageNotFoundError:  # a source tree on sys.path without an installed distribution
+        from alignkit import __version__
+
+        return __version__
+
+
+def _add_common_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """-q / -v, accepted before the command and after it (a command's copy leaves the top level's value)."""
+    default = False if top else argparse.SUPPRESS
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="only warnings and errors")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="also alignkit's debug messages")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top level: options, then COMMAND and its arguments (parsed by :func:`command_parser`)."""
+    commands = "\n".join(f"  {name:<13} {text}" for name, text in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="alignkit", description="RL alignment of diffusion and flow models (Flow-GRPO, TempFlow-GRPO, ...).",
+        epilog=f"commands:\n{commands}\n\n`alignkit COMMAND -h` explains one. Examples:\n"
+               "  alignkit list\n  alignkit show sd3_tiny_flow_grpo train.epochs=4\n"
+               "  alignkit train sd3_tiny_flow_grpo train.epochs=4\n  alignkit train ./my_recipe.yaml -q",
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"alignkit {_version()}")
+    _add_common_options(parser, top=True)
+    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help="one of: " + ", ".join(COMMANDS))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's arguments")
+    return parser
+
+
+def command_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of one command's arguments (options may come before or after the positionals)."""
+    if command == "serve-reward":
+        from alignkit.reward_server import build_parser as server_parser
+
+        parser = server_parser()
+    elif command == "list":
+        parser = argparse.ArgumentParser(
+            prog="alignkit list", allow_abbrev=False, description=COMMANDS["list"] + ".",
+            epilog=f"KIND: recipes | {' | '.join(CONFIG_GROUPS)} (config groups) | {' | '.join(REGISTRY_KINDS)} "
+                   "(registered components)")
+        parser.add_argument("kind", nargs="?", metavar="KIND", help="what to list (default: recipes and the kinds)")
+    else:
+        parser = argparse.ArgumentParser(prog=f"alignkit {command}", description=RECIPE_COMMANDS[command] + ".",
+                                         usage=f"alignkit {command} [-h] [-q] [-v] [RECIPE] [KEY=VALUE ...]",
+                                         epilog=OVERRIDES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                         allow_abbrev=False)
+        parser.add_argument("words", nargs="*", metavar="RECIPE KEY=VALUE",
+                            help=f"the recipe (default: {DEFAULT_RECIPE}) and overrides, in any order")
+    _add_common_options(parser, top=False)
+    return parser
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Both levels of the command line; argparse's SystemExit (help, --version, usage errors) passes."""
+    top = build_parser()
+    if not argv:
+        top.print_help(sys.stderr)
+        raise SystemExit(2)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is not None and command not in COMMANDS:
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        top.error(f"unknown command {command!r}{hint}; choose one of {', '.join(COMMANDS)}")
+    ns = top.parse_args(argv)
+    return command_parser(ns.command).parse_intermixed_args(ns.args, namespace=ns)
+
+
+def _configure_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
+    logger.setLevel(logging.DEBUG if verbose else logging.NOTSET)
+    for noisy in ("httpx", "urllib3", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _quiet_libraries() -> None:
+    """Only alignkit's progress bar: diffusers' and transformers' bars (pipeline and weight loading) off and
+    their verbosity at warning; their records go to the root logger's handlers (so through tqdm) instead of
+    their own stderr handlers. Download bars of huggingface_hub stay on: a first multi-GB download must not
+    look hung, and it ends before alignkit's bar starts."""
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils
+    import transformers.utils.logging as transformers_logging
+
+    hub_bars = not huggingface_hub.utils.are_progress_bars_disabled()
+    for lib in (diffusers_logging, transformers_logging):
+        lib.disable_progress_bar()  # transformers' also turns off huggingface_hub's bars
+        lib.set_verbosity_warning()
+        lib.disable_default_handler()
+        lib.enable_propagation()
+    if hub_bars:
+        huggingface_hub.utils.enable_progress_bars()
+
+
+def _unsupported_launch() -> str | None:
+    """Why accelerate's own sharding modes (set by ``accelerate launch`` in the environment) are refused."""
+    from accelerate.utils import parse_flag_from_env
+
+    for var, what in ACCELERATE_MODES.items():
+        try:
+            on = parse_flag_from_env(var)
+        except ValueError:  # not a truth value: accelerate itself reports it
+            continue
+        if on:
+            return (f"{what} is not supported ({var}={os.environ[var]}): alignkit shards the model itself. Launch "
+                    "plain data parallel processes (accelerate launch --multi_gpu --num_processes N -m alignkit.cli "
+                    "train RECIPE, without --use_fsdp / --use_deepspeed, and no FSDP or DeepSpeed in `accelerate "
+                    "config`) and set train.sharding=fsdp to shard parameters, gradients and optimizer state")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="alignkit", description="RL alignment of diffusion and flow models.")
-    parser.add_argument("command", choices=["train", "eval", "list", "serve-reward"])
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="[RECIPE] [key=value ...]")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        argv = ["train"]
-    ns = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if ns.command in ("train", "eval") and ns.args[:1] in (["-h"], ["--help"]):
-        sys.stdout.write(__doc__ + "\nRECIPE is a name from `alignkit list recipes`; key=value pairs are hydra "
-                         "overrides of any recipe field (e.g. train.epochs=4 algo=flow_grpo reward.jpeg.weight=0.5).\n")
-        return 0
-    _register_plugins()
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status (0, or 2 for bad
+    input and refused runs: the message is logged as one error, without a traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "list": cmd_list,
-                "serve-reward": cmd_serve_reward}[ns.command](ns.args)
-    except (ConfigError, AlignkitError, ValueError, FileNotFoundError, ImportError, KeyError) as exc:
+        ns = _parse(argv)
+    except SystemExit as exc:  # help and --version (0), usage errors (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    except ValueError as exc:  # a command's own argument checks (serve-reward's limits, port, token)
+        _configure_logging(False, False)
         logger.error("%s", exc)
         return 2
+    _configure_logging(ns.quiet, ns.verbose)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:  # as with `python -m`: rewards given as fn: "my_module:attr" are found in the working directory
+        sys.path.insert(0, cwd)
+        logger.debug("added the working directory %s to sys.path", cwd)
+    handlers = {"train": lambda: cmd_train(ns.words), "eval": lambda: cmd_eval(ns.words),
+                "show": lambda: cmd_show(ns.words), "list": lambda: cmd_list([ns.kind] if ns.kind else []),
+                "serve-reward": lambda: cmd_serve_reward(ns)}
+    try:
+        with logging_redirect_tqdm():
+            refused = _unsupported_launch()
+            if refused:
+                logger.error("%s", refused)
+                return 2
+            if ns.command in ("train", "eval"):
+                _quiet_libraries()
+            _register_plugins()
+            return handlers[ns.command]()
+    except (ConfigError, AlignkitError, ValueError, ImportError, KeyError, OSError) as exc:
+        logger.error("%s", exc)
+        return 2
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 if __name__ == "__main__":

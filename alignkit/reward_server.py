@@ -479,10 +479,18 @@ def main(args: list[str]) -> int:
     Raises:
         ValueError, ImportError: a bad argument or reward, before anything is bound (the CLI logs one line).
     """
+    return run(build_parser().parse_args(args))
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Serve with the arguments :func:`build_parser` parsed (``alignkit serve-reward`` calls this).
+
+    Raises:
+        ValueError, ImportError: a bad argument or reward, before anything is bound.
+    """
     from alignkit.config import RewardTermConfig
     from alignkit.reward_set import resolve_reward
 
-    ns = build_parser().parse_args(args)
     try:
         kwargs = json.loads(ns.kwargs)
     except json.JSONDecodeError as exc:

@@ -44,7 +44,7 @@ RECIPE = "sd3_tiny_flow_grpo"
 CONFIG_CASES: list[tuple[str, str, list[str], list[str]]] = [
     # (id, recipe, overrides, words the message must contain: the field, the bad value, the fix)
     ("unknown_config_group_option", RECIPE, ["algo=flow_grpp"],
-     ["algo/flow_grpp", "Available options in 'algo'", "flow_grpo", "tempflow_grpo"]),
+     ["algo=flow_grpp", "no option 'flow_grpp'", "Did you mean algo=flow_grpo?", "tempflow_grpo"]),
     ("unknown_setting", RECIPE, ["+train.epoch=3"], ["train.epoch", "unknown setting", "epochs"]),
     ("unknown_top_level_setting", RECIPE, ["+seeds=3"], ["seeds", "unknown setting", "seed"]),
     ("int_given_a_word", RECIPE, ["train.epochs=ten"], ["train.epochs", "'ten'", "expected int"]),

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import alignkit.credit
 import alignkit.flow
 import alignkit.plans  # noqa: F401  (registers the exploration plans)
-from alignkit.compose import DEFAULT_RECIPE, compose_recipe, list_recipes, load_run_config
-from alignkit.config import ConfigError, RunConfig, build_config
+from alignkit.compose import (
+    DEFAULT_RECIPE,
+    compose_recipe,
+    list_recipes,
+    load_run_config,
+    read_run_config,
+    write_run_config,
+)
+from alignkit.config import ConfigError, RunConfig, build_config, to_dict
 from alignkit.registry import (
     CREDIT_ASSIGNERS,
     EXPLORATION_PLANS,
@@ -118,10 +127,40 @@ def test_all_problems_reported_at_once():
     assert f"{len(expected)} problems" in str(info.value)
 
 
-def test_bad_hydra_override_names_the_recipe():
-    # a key missing from the recipe cannot be set without '+'
-    with pytest.raises(ValueError, match=r"recipe 'default' with overrides \['train.foo=1'\]"):
-        load_run_config("default", ["train.foo=1"])
+def test_override_keys_are_checked_before_hydra():
+    # an unknown key is alignkit's problem list (closest key, valid keys), not hydra's advice to add '+'
+    with pytest.raises(ConfigError) as info:
+        load_run_config("default", ["train.foo=1", "train.epoch=3", "algoo=flow_grpo", "algo=flow_grp"])
+    problems = info.value.problems
+    assert [p.split(":")[0] for p in problems] == ["train.foo=1", "train.epoch=3", "algoo=flow_grpo", "algo=flow_grp"]
+    assert "Did you mean train.epochs?" in problems[1] and "learning_rate" in problems[1]
+    assert "Did you mean 'algo'" in problems[2] and "backbone, reward, algo, train, prompts" in problems[2]
+    assert "Did you mean algo=flow_grpo?" in problems[3] and "tempflow_grpo" in problems[3]
+    assert "To append" not in str(info.value) and "+train" not in str(info.value)
+    # a composition failure hydra finds still names the recipe and the overrides
+    with pytest.raises(ValueError, match=r"(?s)recipe 'default' with overrides \['\+train.epochs=3'\].*train.epochs=3"):
+        load_run_config("default", ["+train.epochs=3"])
+
+
+def test_reward_overrides_replace_add_or_refuse_a_merge():
+    def names(overrides: list[str]) -> list[str]:
+        return list(load_run_config("sd3_tiny_flow_grpo", overrides).reward)
+
+    assert names(["reward=jpeg_incompressibility"]) == ["jpeg_incompressibility"]  # a group option replaces
+    assert names(["reward=shapeeval_compressible"]) == ["shapeeval", "jpeg"]
+    added = ["jpeg_compressibility", "inc"]
+    assert names(["reward.inc={fn: jpeg_incompressibility, weight: 0.5}"]) == added  # one term added
+    assert names(["+reward.inc={fn: jpeg_incompressibility, weight: 0.5}"]) == added
+    assert names(["~reward", "+reward={inc: {fn: jpeg_incompressibility}}"]) == ["inc"]  # dropped, then given
+    for merge in ("+reward={inc: {fn: jpeg_incompressibility}}", "reward={inc: {fn: jpeg_incompressibility}}"):
+        with pytest.raises(ConfigError) as info:
+            load_run_config("sd3_tiny_flow_grpo", [merge])
+        msg = str(info.value)
+        for words in (merge, "merged", "jpeg_compressibility", "reward=OPTION", "reward.inc={fn: ..., weight: ...}"):
+            assert words in msg, (words, msg)
+    with pytest.raises(ConfigError, match=r"there is no reward 'jpeg' in reward \(it has: jpeg_compressibility\)"
+                                          r".*reward.jpeg=\{fn: NAME"):
+        load_run_config("sd3_tiny_flow_grpo", ["reward.jpeg.weight=0.5"])
 
 
 def test_build_config_binds_types():
@@ -175,3 +214,21 @@ def test_multi_objective_recipe_weights_and_drops_from_the_command_line() -> Non
         "shapeeval": ("shapeeval", 1.0), "jpeg": ("jpeg_compressibility", 0.5)}
     assert cfg.algo.reward_aggregation == "normalize_then_sum"
     assert list(load_run_config("shapes_multi_objective", ["~reward.jpeg"]).reward) == ["shapeeval"]
+
+
+def test_run_config_written_atomically_and_read_back(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert read_run_config(out) is None  # nothing written yet
+    overrides = ["train.epochs=3", "reward.jpeg_compressibility.weight=0.5"]
+    cfg = load_run_config("sd3_tiny_flow_grpo", overrides)
+    write_run_config(out, cfg, overrides)
+    saved = read_run_config(out)
+    assert saved is not None and saved.overrides == overrides
+    assert saved.config == to_dict(cfg) and saved.run_config() == cfg
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "overrides.yaml"]  # no temporary files left
+    write_run_config(out, load_run_config("sd3_tiny_flow_grpo"), [])  # rewritten in place
+    again = read_run_config(out)
+    assert again is not None and again.overrides == [] and again.config["train"]["epochs"] == 12
+    (out / "config.yaml").write_text("train: {epochs: 3\n")
+    with pytest.raises(ValueError, match=r"config\.yaml is not readable YAML"):
+        read_run_config(out)
