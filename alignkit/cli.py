@@ -102,10 +102,10 @@ def cmd_train(args: list[str]) -> int:
 
     recipe, overrides = _split(args)
     cfg = load_run_config(recipe, overrides)
+    logger.info("recipe %s -> %s", recipe, cfg.output_dir)
+    trainer = Trainer(cfg)  # prompts, rewards, model and the checkpoint to resume: refused input writes nothing
     if _is_main_process():
         write_run_config(cfg.output_dir, cfg, overrides)
-    logger.info("recipe %s -> %s", recipe, cfg.output_dir)
-    trainer = Trainer(cfg)
     state = trainer.train()
     last = state.history[-1] if state.history else {}
     logger.info("done: epoch %d, step %d, last reward %.4g; outputs in %s", state.epoch, state.global_step,
