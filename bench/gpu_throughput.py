@@ -902,6 +902,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matmul-size", type=int, default=None, help="n of the n^3 matmul ceiling (8192; tiny 256)")
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="stop starting timed epochs that would end later than this many seconds from start")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's on GPU; 1 with --tiny, as the tests use)")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler capture")
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results",
                         help="folder of the results JSON, named after the device (default bench/results)")
@@ -913,6 +915,8 @@ def main(argv: list[str] | None = None) -> int:
                      "pass --epochs 3 or more")
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device: the SD3.5-Medium-shaped run needs a GPU; pass --tiny for the CPU check")
+    if args.threads is not None or args.tiny:
+        torch.set_num_threads(args.threads or 1)
     start = time.monotonic()
     device = torch.device("cpu") if args.tiny else torch.device("cuda", torch.cuda.current_device())
     dtype = torch.float32 if args.tiny else torch.bfloat16
