@@ -107,7 +107,7 @@ def check_requirements(wheels: list[Path], pyproject: Path) -> tuple[list[str], 
            "implementation_name": "cpython", "extra": ""}
     tags = carried_tags()
     carried: dict[str, Version] = {}
-    requires: list[tuple[str, str]] = []
+    requires: list[tuple[str, str, str]] = []  # (who, its distribution name, requirement)
     problems, notes = [], []
     for wheel in wheels:
         name, version, _, wheel_tags = parse_wheel_filename(wheel.name)
@@ -117,16 +117,17 @@ def check_requirements(wheels: list[Path], pyproject: Path) -> tuple[list[str], 
         with zipfile.ZipFile(wheel) as z:
             meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
             lines = z.read(meta).decode().splitlines()
-        requires += [(wheel.name, line.split(":", 1)[1].strip()) for line in lines if line.startswith("Requires-Dist:")]
+        requires += [(wheel.name, name, line.split(":", 1)[1].strip()) for line in lines
+                     if line.startswith("Requires-Dist:")]
     project = tomllib.loads(pyproject.read_text())["project"]
-    requires += [("alignkit", spec) for spec in project["dependencies"]]
-    for who, spec in requires:
+    requires += [("alignkit", "alignkit", spec) for spec in project["dependencies"]]
+    for who, dist, spec in requires:
         req = Requirement(spec)
         if req.marker is not None and not req.marker.evaluate(env):
             continue
         name = canonicalize_name(req.name)
-        if (canonicalize_name(who.split("-")[0]), name) in UNUSED_REQUIREMENTS:
-            notes.append(f"{who} requires {spec}: not carried, {UNUSED_REQUIREMENTS[canonicalize_name(who.split('-')[0]), name]}")
+        if (dist, name) in UNUSED_REQUIREMENTS:
+            notes.append(f"{who} requires {spec}: not carried, {UNUSED_REQUIREMENTS[dist, name]}")
             continue
         have = carried.get(name) or (Version(GPU_VERSIONS[name]) if name in GPU_VERSIONS else None)
         if have is not None:

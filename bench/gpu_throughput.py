@@ -141,6 +141,19 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 """Dense bf16 tensor-core peaks from NVIDIA data sheets, first matching substring of the device name wins."""
 
+LEGEND = {
+    "seconds": "per stage (rollout, score, train) and phase <stage>/<phase>; <stage>/other is the rest of the stage "
+               "(SDE step math, noise, bookkeeping, credit, host gaps); CUDA events on GPU, perf_counter on CPU",
+    "rollout/transformer": "model evaluations of the rollout (CFG: two rows per sample)",
+    "train/transformer_policy": "training forwards with grad; train/transformer_reference: the KL reference forwards",
+    "train/backward": "accelerator.backward, checkpointed forwards recomputed inside it",
+    "figures": "per timed epoch, then median / min / max; *_utilisation against the data-sheet peak, "
+               "*_of_matmul_ceiling against the measured matmul",
+    "model FLOPs": "counted FLOPs without recomputation (MFU); hardware FLOPs add the recomputed forwards (HFU); "
+                   "useful FLOPs count each distinct training input (state, step, prompt) once",
+}
+"""What the names in a results file mean (written into it)."""
+
 ALGOS = ("flow_grpo", "tempflow_grpo")
 RECIPES = {"flow_grpo": "sd35_medium_flow_grpo", "tempflow_grpo": "sd35_medium_tempflow_grpo"}
 
@@ -210,7 +223,8 @@ def materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dtyp
 
     Weights of two or more dimensions are drawn from N(0, 1/fan_in) (``fan_in`` = elements of one output row),
     biases are zero and other vectors (norm scales) one; buffers computed at construction (position tables,
-    position ids) are kept, moved to ``device``.
+    position ids) are kept, moved to ``device``; tied weights (T5's input embeddings) are tied again, since
+    construction on the meta device does not tie them.
     """
     torch.nn.Module.to(module, dtype=dtype)  # meta parameters change dtype for free; CPU float buffers are cast
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
@@ -224,6 +238,8 @@ def materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dtyp
                 p.normal_(0.0, p[0].numel() ** -0.5, generator=generator)
             else:
                 p.fill_(0.0 if name.endswith("bias") else 1.0)
+    if callable(getattr(module, "tie_weights", None)):  # transformers models
+        module.tie_weights()
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.device.type == "meta"]
     if left:
         raise RuntimeError(f"{type(module).__name__}: tensors still on the meta device after materialising: {left[:5]}")
@@ -926,7 +942,8 @@ def main(argv: list[str] | None = None) -> int:
               ceiling_tflops=0.0, profile=not args.no_profile,
               out_path=args.out_dir / results_name(device, args.tiny))
     run.results = {"provenance": provenance(), "device": device_name(device), "tiny": args.tiny,
-                   "peak_tflops_datasheet": run.peak, "workload": run.workload.__dict__, "algos": {}}
+                   "peak_tflops_datasheet": run.peak, "workload": run.workload.__dict__, "legend": LEGEND,
+                   "algos": {}}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         run.results["device_properties"] = {"memory_gib": props.total_memory / GIB,
@@ -964,6 +981,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             measure(algo, pipe, run)
             run.profile = False  # one capture per run: both methods run the same model
+            gc.collect()  # the method's trainer, rollout and optimizer state
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     finally:
         run.results["wall_s"] = time.monotonic() - start
         run.results["process_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
