@@ -876,15 +876,13 @@ def summarize_algo(result: dict[str, Any], run: Run) -> dict[str, Any]:
         summary["memory_peak_allocated_gib"] = max(e["memory"]["epoch_peak_allocated_gib"] for e in timed)
         summary["memory_peak_reserved_gib"] = max(e["memory"]["epoch_peak_reserved_gib"] for e in timed)
     fig = summary["figures"]
-    logger.info("%s: %.2f images/s rollout, %.1f transitions/s training; MFU rollout %s, train %s (HFU %s, useful %s)",
+    stem = "utilisation" if run.peak else "of_matmul_ceiling"
+    logger.info("%s: %.2f images/s rollout, %.1f transitions/s training; %s: rollout %s, train %s (HFU %s, useful %s)",
                 result["recipe"], fig["rollout_images_per_s"]["median"], fig["train_transitions_per_s"]["median"],
-                _pct(fig.get("rollout_utilisation")), _pct(fig.get("train_model_utilisation")),
-                _pct(fig.get("train_hardware_utilisation")), _pct(fig.get("train_useful_utilisation")))
+                "MFU" if run.peak else "of the matmul ceiling (no data-sheet peak)",
+                *(f"{100 * fig[f'{k}_{stem}']['median']:.1f}%" for k in ("rollout", "train_model", "train_hardware",
+                                                                          "train_useful")))
     return summary
-
-
-def _pct(x: dict[str, float] | None) -> str:
-    return f"{100 * x['median']:.1f}%" if x else "n/a (no peak for this device)"
 
 
 def release(trainer: Any, pipe: Any) -> None:
