@@ -24,8 +24,10 @@
 #   5. bench/gpu_throughput.py (SD3.5-Medium shape; --tiny on CPU) with a deadline inside its timeout.
 # Under $OUT (default /tmp/alignkit_device) it writes 7 files: summary.txt, env.txt, install.log,
 # pytest_gpu.log, pytest_gpu.xml, gpu_throughput.log and gpu_throughput_<device>[_tiny].json.
-# Time on one H100: about 20 s to install, tests under 2 min (timeout 120 s), throughput under 290 s: < 7 min.
+# Time on one H100: at most TOTAL_BUDGET=420 s (7 min) in all: about 20 s to install, the tests (timeout 120 s),
+# then the throughput in the time left; it stops starting timed epochs that would overrun (and says so).
 set -uo pipefail
+SECONDS=0
 
 WHEELS=(diffusers==0.42.1 transformers==5.24.0 hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
         setuptools==84.2.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.5)
@@ -56,10 +58,11 @@ esac
 OUT=${OUT:-/tmp/alignkit_device}
 SITE=${ALIGNKIT_SITE:-/tmp/site}
 WHL=${ALIGNKIT_WHEELS:-.whl}
+# the whole run ends within TOTAL_BUDGET seconds: the throughput gets what the steps before it left
 if [[ $MODE == gpu ]]; then
-  TEST_TIMEOUT=${TEST_TIMEOUT:-120}; BENCH_TIMEOUT=${BENCH_TIMEOUT:-290}; BENCH_ARGS=()
+  TOTAL_BUDGET=${TOTAL_BUDGET:-420}; TEST_TIMEOUT=${TEST_TIMEOUT:-120}; BENCH_ARGS=()
 else
-  TEST_TIMEOUT=${TEST_TIMEOUT:-300}; BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}; BENCH_ARGS=(--tiny)
+  TOTAL_BUDGET=${TOTAL_BUDGET:-600}; TEST_TIMEOUT=${TEST_TIMEOUT:-300}; BENCH_ARGS=(--tiny)
   export ALIGNKIT_GPU_TESTS_DEVICE=cpu  # the GPU-marked tests run on CPU (tests/conftest.py)
 fi
 mkdir -p "$OUT" || exit 1
@@ -68,7 +71,7 @@ export ALIGNKIT_CACHE=${ALIGNKIT_CACHE:-$SITE.cache}
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 FAILED=0
-note() { echo "$*" | tee -a "$SUMMARY"; }
+note() { echo "[${SECONDS}s] $*" | tee -a "$SUMMARY"; }
 fail() { note "FAIL: $*"; FAILED=1; }
 
 # 1. the carried wheels, exactly one per listed name and version
@@ -176,9 +179,13 @@ elif (( skipped > 0 )); then fail "GPU-marked tests: $skipped of $((ran + skippe
 elif (( nlost > 0 )); then fail "GPU-marked tests skipped with their module at collection: $lost"
 else note "ok: $ran GPU-marked tests ran and passed ($MODE)"; fi
 
-# 5. throughput, with a deadline 25 s inside its timeout so that its results file is complete
-timeout "$BENCH_TIMEOUT" python3 -P bench/gpu_throughput.py "${BENCH_ARGS[@]}" --out-dir "$OUT" \
-  --deadline-s $((BENCH_TIMEOUT - 25)) > "$OUT/gpu_throughput.log" 2>&1
+# 5. throughput in the time left (10 s kept for the end), with a deadline 25 s inside its timeout so that it
+#    writes its results file before it would be stopped
+bench_timeout=$(( TOTAL_BUDGET - SECONDS - 10 ))
+(( bench_timeout >= 60 )) || bench_timeout=60
+note "gpu_throughput.py: ${bench_timeout} s left of TOTAL_BUDGET=${TOTAL_BUDGET}"
+timeout "$bench_timeout" python3 -P bench/gpu_throughput.py "${BENCH_ARGS[@]}" --out-dir "$OUT" \
+  --deadline-s $((bench_timeout - 25)) > "$OUT/gpu_throughput.log" 2>&1
 code=$?
 if (( code )); then fail "gpu_throughput.py exit $code (gpu_throughput.log):"; tail -5 "$OUT/gpu_throughput.log" | tee -a "$SUMMARY"
 else note "ok: gpu_throughput.py: $(cd "$OUT" && ls gpu_throughput_*.json)"; fi

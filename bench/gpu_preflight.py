@@ -278,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (printed)")
     parser.add_argument("--results", type=Path, default=None, help="copy the tiny results JSON here")
+    parser.add_argument("--verbose", action="store_true", help="list unchecked versions and linked extras")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="preflight: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="preflight: %(message)s")
     start = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="alignkit_preflight_"))
     problems: list[str] = []
@@ -289,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("wheels to carry: %s", wheels_to_carry(repo / ".whl"))
         req_problems, notes = check_requirements(sorted((repo / ".whl").glob("*.whl")), REPO / "pyproject.toml")
         for n in notes:
-            logger.info("unchecked: %s", n)
+            logger.debug("unchecked: %s", n)
+        logger.info("carried wheels: %d requirements met by a version the image has but KINDS.md does not record "
+                    "(--verbose lists them)", len(notes))
         problems += req_problems
 
         venv = tmp / "venv"
@@ -299,10 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         chosen, added = gpu_set(installed())
         link_gpu_packages(site, chosen)
         absent = sorted(GPU_PACKAGES - chosen)
-        logger.info("interpreter %s sees %d of the GPU image's %d distributions (not installed here, so not "
-                    "checked: %s)", venv / "bin", len(chosen) - len(added), len(GPU_PACKAGES), ", ".join(absent))
+        logger.info("interpreter %s sees %d of the GPU image's %d distributions (%d are not installed here, so "
+                    "not checked; --verbose lists them)", venv / "bin", len(chosen) - len(added), len(GPU_PACKAGES),
+                    len(absent))
+        logger.debug("not installed here: %s", ", ".join(absent))
         for name, by in sorted(added.items()):
-            logger.info("also linked: %s, needed by %s here (the GPU image's version may not need it)", name, by)
+            logger.debug("also linked: %s, needed by %s here (the GPU image's version may not need it)", name, by)
 
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
