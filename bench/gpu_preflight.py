@@ -90,6 +90,10 @@ GPU_PLATFORMS = ["manylinux2014_x86_64", "manylinux1_x86_64", "linux_x86_64",
                  *(f"manylinux_2_{n}_x86_64" for n in range(5, 40))]
 
 
+class PreflightError(RuntimeError):
+    """A step of the pre-flight could not run (reported as one line, without a traceback)."""
+
+
 def carried_tags() -> set:
     """Wheel tags a CPython 3.12 on x86-64 Linux installs."""
     platforms = GPU_PLATFORMS
@@ -211,8 +215,12 @@ def link_gpu_packages(site: Path, chosen: set[str]) -> None:
 
 def copy_tree(dest: Path) -> int:
     """The repository as the device tool sends it: tracked and untracked-not-ignored files, no ``.git``."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            check=True, capture_output=True).stdout.decode().split("\0")
+    done = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                          capture_output=True)
+    if done.returncode:
+        raise PreflightError(f"git ls-files in {REPO} failed ({done.stderr.decode().strip()}): the pre-flight copies "
+                             "the tree as the device tool does, from a git checkout; run it in one")
+    listed = done.stdout.decode().split("\0")
     count = 0
     for rel in filter(None, listed):
         src = REPO / rel
@@ -236,8 +244,12 @@ def wheels_to_carry(dest: Path) -> str:
     if not cache.is_dir():
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         logger.info("fetching the %d wheels to carry into %s", len(listed), cache)
-        subprocess.run(["bash", str(REPO / "bench" / "device_check.sh"), "--fetch-wheels", str(tmp)], check=True,
-                       env={**os.environ, "PYTHON": sys.executable}, stdout=subprocess.DEVNULL)
+        done = subprocess.run(["bash", str(REPO / "bench" / "device_check.sh"), "--fetch-wheels", str(tmp)],
+                              env={**os.environ, "PYTHON": sys.executable}, stdout=subprocess.DEVNULL)
+        if done.returncode:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise PreflightError("device_check.sh --fetch-wheels failed (pip's message above): it needs the package "
+                                 "index once; or put the wheels in .whl/ (device_check.sh --wheels lists them)")
         tmp.rename(cache)
     shutil.copytree(cache, dest)
     return f"{cache} (fetched once with device_check.sh --fetch-wheels; no .whl/ here)"
@@ -287,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         repo, out = tmp / "repo", tmp / "out"
         logger.info("copied %d files of the working tree into %s", copy_tree(repo), repo)
+        if not (repo / "bench" / "device_check.sh").is_file():
+            raise PreflightError("bench/device_check.sh is not in the copy: git must track it (git add)")
         logger.info("wheels to carry: %s", wheels_to_carry(repo / ".whl"))
         req_problems, notes = check_requirements(sorted((repo / ".whl").glob("*.whl")), REPO / "pyproject.toml")
         for n in notes:
@@ -296,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         problems += req_problems
 
         venv = tmp / "venv"
-        subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(venv)],
-                       check=True)
+        made = subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip",
+                               str(venv)])
+        if made.returncode:
+            raise PreflightError(f"python -m venv --without-pip {venv} failed (exit {made.returncode})")
         site = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
         chosen, added = gpu_set(installed())
         link_gpu_packages(site, chosen)
@@ -327,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             args.results.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(found[0], args.results)
             logger.info("results copied to %s", args.results)
+    except PreflightError as exc:
+        problems.append(str(exc))
     finally:
         if args.keep:
             logger.info("kept %s", tmp)
