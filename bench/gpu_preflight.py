@@ -86,6 +86,7 @@ UNUSED_REQUIREMENTS = {("diffusers", "importlib-metadata"): "diffusers imports i
 """Declared requirements the carried code never imports on the GPU image's Python (not carried)."""
 
 GPU_PYTHON = "3.12.3"
+TRAVEL_LIMIT_MIB = 64  # the device tool's limit on the working tree and carried paths together
 GPU_PLATFORMS = ["manylinux2014_x86_64", "manylinux1_x86_64", "linux_x86_64",
                  *(f"manylinux_2_{n}_x86_64" for n in range(5, 40))]
 
@@ -234,6 +235,8 @@ def copy_tree(dest: Path) -> int:
 def wheels_to_carry(dest: Path) -> str:
     """``.whl/`` as here (what the device tool carries), else the listed wheels from a cache, into ``dest``."""
     here = REPO / ".whl"
+    if dest.is_dir():
+        return f"{here} (copied with the tree: untracked and not ignored, it travels without carry)"
     if here.is_dir():
         shutil.copytree(here, dest)
         return f"{here} (as the device tool will carry it)"
@@ -302,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         if not (repo / "bench" / "device_check.sh").is_file():
             raise PreflightError("bench/device_check.sh is not in the copy: git must track it (git add)")
         logger.info("wheels to carry: %s", wheels_to_carry(repo / ".whl"))
+        size = sum(p.stat().st_size for p in repo.rglob("*") if p.is_file())
+        logger.info("what travels to the device: %.1f MiB of %d MiB", size / 2**20, TRAVEL_LIMIT_MIB)
+        if size > TRAVEL_LIMIT_MIB * 2**20:
+            problems.append(f"the tree and the wheels are {size / 2**20:.1f} MiB; the device tool sends at most "
+                            f"{TRAVEL_LIMIT_MIB} MiB")
         req_problems, notes = check_requirements(sorted((repo / ".whl").glob("*.whl")), REPO / "pyproject.toml")
         for n in notes:
             logger.debug("unchecked: %s", n)
