@@ -875,6 +875,11 @@ def summarize_algo(result: dict[str, Any], run: Run) -> dict[str, Any]:
     if "memory" in timed[0]:
         summary["memory_peak_allocated_gib"] = max(e["memory"]["epoch_peak_allocated_gib"] for e in timed)
         summary["memory_peak_reserved_gib"] = max(e["memory"]["epoch_peak_reserved_gib"] for e in timed)
+        phases = {name for e in timed for name in e["memory"]["phases"]}
+        summary["memory_phases_gib"] = {  # the largest of the timed epochs
+            name: {k: max(e["memory"]["phases"].get(name, {}).get(k, 0.0) for e in timed)
+                   for k in ("peak_allocated_gib", "allocated_after_gib", "reserved_after_gib")}
+            for name in sorted(phases)}
     fig = summary["figures"]
     stem = "utilisation" if run.peak else "of_matmul_ceiling"
     logger.info("%s: %.2f images/s rollout, %.1f transitions/s training; %s: rollout %s, train %s (HFU %s, useful %s)",

@@ -208,3 +208,32 @@ def test_preflight_out_folder_check_follows_the_device_tools_limits(tmp_path: Pa
     problems = pf.check_out_folder(tmp_path)
     assert any("10 files" in p for p in problems)
     assert any("deeper" in p for p in problems) and any("bad name.txt" in p for p in problems)
+
+
+def test_summary_figures_from_epochs_as_the_gpu_writes_them(tmp_path: Path) -> None:
+    """Medians and ranges, MFU / HFU / useful utilisation and memory per phase, from synthetic epochs shaped as
+    the CUDA clock records them (memory present), with round numbers to check the arithmetic."""
+    def epoch(rollout_s: float, warmup: bool = False) -> dict:
+        return {"warmup": warmup, "samples": 8, "nfe": 80, "prompts": 1, "trained_transitions": 40,
+                "distinct_train_inputs": 10, "train_stats": {"first_ratio": 1.0},
+                "seconds": {"epoch": rollout_s + 2.0, "rollout": rollout_s, "train": 2.0},
+                "memory": {"phases": {"rollout/transformer": {"peak_allocated_gib": rollout_s,
+                                                              "allocated_after_gib": 1.0, "reserved_after_gib": 3.0}},
+                           "epoch_peak_allocated_gib": 5.0 + rollout_s, "epoch_peak_reserved_gib": 9.0}}
+
+    flops = {"per_row": {"model_eval": 1e12, "decode": 0.0, "encode_prompt": 0.0},
+             "per_trained_transition_model": 3e12, "per_trained_transition_hardware": 4e12}
+    result = {"recipe": "r", "epochs": [epoch(9.0, warmup=True), epoch(1.0), epoch(2.0), epoch(4.0)], "flops": flops}
+    run = gt.Run(tiny=False, device=torch.device("cpu"), workload=gt.TINY_WORKLOAD, epochs=3, out=tmp_path,
+                 deadline=None, peak=100.0, ceiling_tflops=50.0, profile=False, out_path=tmp_path / "r.json")
+    s = gt.summarize_algo(result, run)
+    assert s["timed_epochs"] == 3 and s["seconds"]["rollout"] == {"median": 2.0, "min": 1.0, "max": 4.0, "n": 3}
+    fig = s["figures"]
+    assert fig["rollout_tflops_per_s"]["median"] == pytest.approx(80 / 2.0)  # 80 evaluations of 1 TFLOP in 2 s
+    assert fig["rollout_utilisation"]["median"] == pytest.approx(0.4)
+    assert fig["rollout_of_matmul_ceiling"]["median"] == pytest.approx(0.8)
+    assert fig["train_model_utilisation"]["median"] == pytest.approx(40 * 3 / 2.0 / 100)
+    assert fig["train_hardware_utilisation"]["median"] == pytest.approx(40 * 4 / 2.0 / 100)
+    assert fig["train_useful_utilisation"]["median"] == pytest.approx(10 * 3 / 2.0 / 100)
+    assert s["memory_peak_allocated_gib"] == 9.0 and s["memory_peak_reserved_gib"] == 9.0
+    assert s["memory_phases_gib"]["rollout/transformer"]["peak_allocated_gib"] == 4.0
