@@ -237,3 +237,47 @@ def test_summary_figures_from_epochs_as_the_gpu_writes_them(tmp_path: Path) -> N
     assert fig["train_useful_utilisation"]["median"] == pytest.approx(10 * 3 / 2.0 / 100)
     assert s["memory_peak_allocated_gib"] == 9.0 and s["memory_peak_reserved_gib"] == 9.0
     assert s["memory_phases_gib"]["rollout/transformer"]["peak_allocated_gib"] == 4.0
+
+
+def test_phase_clock_cuda_bookkeeping_with_a_simulated_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA branch's bookkeeping (event pairs read after one synchronisation, peak memory per phase and between
+    phases), run on CPU against a stand-in for torch.cuda's event and allocator counters."""
+    import time
+
+    class Event:
+        def __init__(self, enable_timing: bool) -> None:
+            self.t = 0.0
+
+        def record(self) -> None:
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end: Event) -> float:
+            return (end.t - self.t) * 1e3
+
+    mem = {"now": 1 * gt.GIB, "peak": 1 * gt.GIB}
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: mem["now"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 8 * gt.GIB)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: mem["peak"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 8 * gt.GIB)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: mem.update(peak=mem["now"]))
+
+    def allocate(gib: float) -> None:
+        mem["now"] += gib * gt.GIB
+        mem["peak"] = max(mem["peak"], mem["now"])
+
+    clock = gt.PhaseClock(torch.device("cuda"))
+    clock.begin_epoch()
+    with clock.stage("train"):
+        clock.start("backward")
+        allocate(3.0)
+        allocate(-3.0)
+        clock.stop()
+        allocate(5.0)  # between phases: the epoch's peak, no phase's
+        allocate(-5.0)
+    out = clock.end_epoch()
+    assert out["memory"]["phases"]["train/backward"]["peak_allocated_gib"] == pytest.approx(4.0)
+    assert out["memory"]["phases"]["train/backward"]["reserved_after_gib"] == pytest.approx(8.0)
+    assert out["memory"]["epoch_peak_allocated_gib"] == pytest.approx(6.0)
+    assert out["seconds"]["train/backward"] >= 0 and out["seconds"]["train/other"] >= 0
