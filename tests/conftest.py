@@ -2,7 +2,8 @@
 
     pytest                      unit + integration tests on CPU (the default suite, README's test command)
     pytest -m "not integration" fast unit tests only
-    pytest -m gpu               GPU tests (skipped without CUDA)
+    pytest -m gpu               GPU tests (skipped without CUDA; with ALIGNKIT_GPU_TESTS_DEVICE=cpu they run on
+                                the CPU instead, as bench/gpu_preflight.py runs them)
 
 Everything runs offline: tiny random pipelines are built in-process, saved to a temporary folder and
 loaded back through ``from_pretrained``.
@@ -28,10 +29,16 @@ def _builtin_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["ALIGNKIT_CACHE"] = str(tmp_path_factory.mktemp("alignkit_cache"))
 
 
+@pytest.fixture
+def gpu_device() -> torch.device:
+    """The device of the GPU-marked tests: CUDA, or the CPU where ``ALIGNKIT_GPU_TESTS_DEVICE=cpu``."""
+    return torch.device(os.environ.get("ALIGNKIT_GPU_TESTS_DEVICE", "cuda"))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or os.environ.get("ALIGNKIT_GPU_TESTS_DEVICE") == "cpu":
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:  # not `"gpu" in item.keywords`: that matches folder names
             item.add_marker(skip)

@@ -342,15 +342,17 @@ def test_bfloat16_on_cpu_is_close(rewards, clip_dir, hps_dir, imagereward_dir, i
 
 
 @pytest.mark.gpu
-def test_half_precision_on_cuda_matches_cpu(rewards, clip_dir, hps_dir, head_dir, imagereward_dir, images):
+def test_half_precision_on_cuda_matches_cpu(rewards, clip_dir, hps_dir, head_dir, imagereward_dir, images,
+                                            gpu_device):
     """The device and dtype settings: float16 / bfloat16 on CUDA agree with float32 on CPU."""
     ir_dir, tok_dir = imagereward_dir
+    dev = str(gpu_device)
     on_cuda = {
-        "pickscore": PickScore(model=str(clip_dir), processor=str(clip_dir), device="cuda", dtype="float16"),
-        "clipscore": CLIPScore(model=str(clip_dir), device="cuda", dtype="float16"),
-        "aesthetic": Aesthetic(model=str(clip_dir), head=str(head_dir), device="cuda", dtype="float16"),
-        "hpsv2": HPSv2(checkpoint=str(hps_dir), arch="alignkit-tiny-hps", device="cuda", dtype="float16"),
-        "imagereward": ImageReward(model=str(ir_dir), tokenizer=str(tok_dir), device="cuda", dtype="bfloat16"),
+        "pickscore": PickScore(model=str(clip_dir), processor=str(clip_dir), device=dev, dtype="float16"),
+        "clipscore": CLIPScore(model=str(clip_dir), device=dev, dtype="float16"),
+        "aesthetic": Aesthetic(model=str(clip_dir), head=str(head_dir), device=dev, dtype="float16"),
+        "hpsv2": HPSv2(checkpoint=str(hps_dir), arch="alignkit-tiny-hps", device=dev, dtype="float16"),
+        "imagereward": ImageReward(model=str(ir_dir), tokenizer=str(tok_dir), device=dev, dtype="bfloat16"),
     }
     for name, reward in on_cuda.items():
         assert reward(images, PROMPTS, [{}] * 5) == pytest.approx(rewards[name](images, PROMPTS, [{}] * 5),
