@@ -12,12 +12,13 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
 from pathlib import Path
 
 from alignkit.compose import DEFAULT_RECIPE, list_recipes, load_run_config
 from alignkit.config import ConfigError
-from alignkit.errors import AlignkitError
+from alignkit.errors import AlignkitError, Interrupted
 
 logger = logging.getLogger("alignkit")
 
@@ -38,13 +39,22 @@ def _register_plugins() -> None:
 
 
 def cmd_train(args: list[str]) -> int:
+    from alignkit.checkpoint import latest_checkpoint
     from alignkit.trainer import Trainer
 
     recipe, overrides = _split(args)
     cfg = load_run_config(recipe, overrides)
     logger.info("recipe %s -> %s", recipe, cfg.output_dir)
-    trainer = Trainer(cfg)
-    state = trainer.train()
+    try:
+        state = Trainer(cfg).train()
+    except Interrupted as exc:  # stopped at a safe point by SIGINT / SIGTERM
+        logger.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt as exc:  # a second signal, or one before training began
+        last = latest_checkpoint(Path(cfg.output_dir))
+        where = f"the last checkpoint is {last}" if last is not None else "no checkpoint was written"
+        logger.error("aborted; %s; rerun the same command to resume", where)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     last = state.history[-1] if state.history else {}
     logger.info("done: epoch %d, step %d, last reward %.4g; outputs in %s", state.epoch, state.global_step,
                 last.get("reward/score_mean", math.nan), cfg.output_dir)
@@ -157,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, AlignkitError, ValueError, FileNotFoundError, ImportError, KeyError) as exc:
         logger.error("%s", exc)
         return 2
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -231,3 +231,71 @@ def test_gaussian_sample_is_mean_plus_std_times_row_noise():
     noise = torch.stack([torch.randn(6, generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
     torch.testing.assert_close(x, mean + std[:, None] * noise)
     assert torch.equal(step.mode(), mean)
+
+
+# --- log-probability conventions (algo.logprob) --------------------------------------------------------------
+
+
+def test_log_prob_conventions_by_hand():
+    """exact: the Gaussian log-density; cps_released: Flow-GRPO's released CPS code, -(x' - mean)^2; both averaged
+    over the non-batch elements. Values written out by hand."""
+    mean = torch.tensor([[0.0, 1.0], [2.0, 2.0]], dtype=torch.float64)
+    nxt = torch.tensor([[1.0, 1.0], [2.0, 4.0]], dtype=torch.float64)
+    std = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    released = GaussianStep(mean, std, mean, logprob="cps_released").log_prob(nxt)
+    assert released.tolist() == [-(1.0 + 0.0) / 2, -(0.0 + 4.0) / 2]
+    exact = GaussianStep(mean, std, mean).log_prob(nxt)
+    c = 0.5 * math.log(2 * math.pi)
+    row0 = (-(1.0 / (2 * 0.25)) + 0.0) / 2 - math.log(0.5) - c  # squared distances 1 and 0, std 0.5
+    row1 = (0.0 - 4.0 / (2 * 4.0)) / 2 - math.log(2.0) - c  # squared distances 0 and 4, std 2
+    assert exact.tolist() == pytest.approx([row0, row1], rel=1e-12)
+
+
+def test_released_cps_log_ratio_is_the_exact_one_times_two_variances():
+    """The constants cancel in a log-ratio; what remains differs by the step's factor 2 std^2."""
+    g = torch.Generator().manual_seed(11)
+    shape = (3, 2, 4, 4)
+    old, new = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+    std = torch.tensor([0.01, 0.3, 1.5], dtype=torch.float64)
+    nxt = old + std.reshape(-1, 1, 1, 1) * torch.randn(shape, generator=g, dtype=torch.float64)
+
+    def log_ratio(convention: str) -> torch.Tensor:
+        return GaussianStep(new, std, new, logprob=convention).log_prob(nxt) - \
+            GaussianStep(old, std, old, logprob=convention).log_prob(nxt)
+
+    torch.testing.assert_close(log_ratio("cps_released"), log_ratio("exact") * 2 * std**2)
+
+
+def test_released_cps_scaling_reaches_about_7900_on_sd3s_schedule():
+    """The factor the released convention drops, 1 / (2 std^2) with std = sigma' sin(a pi / 2), at the last
+    trainable step of SD3's 10-step schedule (shift 3, a = 0.7), as the docstring and README state."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(10)
+    sigmas = scheduler.sigmas.double()
+    x = torch.zeros(10, 1, dtype=torch.float64)
+    _, std = cps_step(x, x, sigmas[:-1], sigmas[1:], 0.7)
+    factor = 1 / (2 * std[:-1] ** 2)  # the last step (sigma' = 0) never trains
+    assert factor[0].item() == pytest.approx(0.683, abs=1e-3)
+    assert factor[-1].item() == pytest.approx(7900, rel=1e-3)
+
+
+def test_unknown_log_prob_convention_is_refused():
+    mean = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="algo.logprob='sum'.*exact or cps_released"):
+        GaussianStep(mean, torch.ones(1), mean, logprob="sum")
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    (["algo.logprob=summed"], "algo.logprob='summed': use exact or cps_released"),
+    (["algo.logprob=cps_released"], "algo.logprob=cps_released with algo.step_kind='flow_grpo'"),
+])
+def test_log_prob_setting_is_validated(overrides: list[str], words: str):
+    from alignkit.compose import load_run_config
+    from alignkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        load_run_config("sd3_tiny_flow_grpo", overrides)
+    assert load_run_config("sd3_tiny_flow_grpo", ["algo=flow_grpo_cps", "algo.logprob=cps_released"]).algo.logprob \
+        == "cps_released"
