@@ -10,7 +10,7 @@ Layout of ``<output_dir>/checkpoints/step-<global step>/``:
 * ``state.safetensors`` optimizer moments, EMA weights (float32, exact), RNG states;
 * ``state.json`` epoch, global step, counters, optimizer hyper-parameters, LR scheduler, loss scaler, the
   training prompts' fingerprint, the composed config, the Python and NumPy RNG states and a manifest
-  (relative path -> size in bytes) of every other file.
+  (relative path -> size in bytes, and -> sha256) of every other file.
 
 A run's checkpoint is written by :func:`save_training_checkpoint` and read back by
 :func:`open_checkpoint` (once, before the trainable module is sharded or wrapped: it loads the raw trainable
@@ -21,8 +21,10 @@ both) and :func:`restore_checkpoint` (optimizer, scheduler, scaler, EMA, counter
 A checkpoint is written into ``step-<N>.tmp``, every file and folder is fsynced, and the folder is renamed
 into place (then its parent fsynced), so a crash at any moment leaves either the complete checkpoint or a
 ``.tmp`` folder that :func:`latest_checkpoint` never returns (and the next save removes). A folder whose
-files do not match its manifest is skipped with a warning. Older checkpoints beyond ``keep`` are deleted
-only after the new one is in place, and a failed write (a full disk) leaves every earlier one intact.
+files do not match its manifest's sizes is skipped with a warning; one whose files no longer match their
+sha256 (checked when a run resumes from it) gives way to the previous checkpoint. Older checkpoints beyond
+``keep`` are deleted only after the new one is in place, and a failed write (a full disk) leaves every earlier
+one intact.
 """
 
 from __future__ import annotations
@@ -131,6 +133,30 @@ def _manifest(folder: Path) -> dict[str, int]:
     """Relative path -> size of every file under ``folder`` except ``state.json``."""
     return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name != STATE_JSON}
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``folder`` except ``state.json``."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != STATE_JSON:
+            with open(p, "rb") as f:
+                out[p.relative_to(folder).as_posix()] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
+
+
+def corrupt_reason(folder: Path, meta: dict[str, Any]) -> str | None:
+    """Which file of complete checkpoint ``folder`` no longer has the content it was written with (its sha256
+    differs from ``state.json``'s), or None; checkpoints written without digests are not checked."""
+    expected = meta.get("sha256")
+    if not isinstance(expected, dict):
+        return None
+    found = _digests(folder)
+    for name, digest in expected.items():
+        if found.get(name) != digest:
+            what = f"{name} is corrupt (its sha256 differs from the one recorded when it was written)"
+            return f"the trainable weights cannot be loaded: {what}" if name.startswith(TRAINABLE) else what
+    return None
 
 
 def incomplete_reason(folder: Path) -> str | None:
@@ -255,7 +281,7 @@ def save_checkpoint(
             write_raw(tmp / TRAINABLE_RAW)
         rt, rm = rng_state()
         save_file({**tensors, **rt}, str(tmp / STATE_TENSORS))
-        body = json.dumps({**meta, **rm, "files": _manifest(tmp)}, indent=1)
+        body = json.dumps({**meta, **rm, "files": _manifest(tmp), "sha256": _digests(tmp)}, indent=1)
         with open(tmp / STATE_JSON, "w", encoding="utf-8") as f:
             f.write(body)
         _fsync_tree(tmp)
@@ -497,6 +523,9 @@ def _open(path: Path, prompts: PromptSet, sampler: Sampler, *, force: bool) -> O
         raise _Unreadable(str(exc)) from exc
     except (OSError, ValueError) as exc:  # state.json vanished or does not parse
         raise _Unreadable(f"{STATE_JSON} cannot be read ({exc})") from exc
+    corrupt = corrupt_reason(path, meta)
+    if corrupt is not None:
+        raise _Unreadable(f"{corrupt}; delete the folder to resume from an older checkpoint")
     saved = meta.get("prompts", {}).get("fingerprint")
     if saved is not None and saved != prompt_fingerprint(prompts):
         message = (f"checkpoint {path} was written for other training prompts (fingerprint {saved}, now "
