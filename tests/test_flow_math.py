@@ -255,7 +255,8 @@ def test_released_cps_log_ratio_is_the_exact_one_times_two_variances():
     """The constants cancel in a log-ratio; what remains differs by the step's factor 2 std^2."""
     g = torch.Generator().manual_seed(11)
     shape = (3, 2, 4, 4)
-    old, new = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+    old = torch.randn(shape, generator=g, dtype=torch.float64)
+    new = torch.randn(shape, generator=g, dtype=torch.float64)
     std = torch.tensor([0.01, 0.3, 1.5], dtype=torch.float64)
     nxt = old + std.reshape(-1, 1, 1, 1) * torch.randn(shape, generator=g, dtype=torch.float64)
 
@@ -283,7 +284,7 @@ def test_released_cps_scaling_reaches_about_7900_on_sd3s_schedule():
 
 def test_unknown_log_prob_convention_is_refused():
     mean = torch.zeros(1, 2)
-    with pytest.raises(ValueError, match="algo.logprob='sum'.*exact or cps_released"):
+    with pytest.raises(ValueError, match=r"algo\.logprob='sum'.*exact or cps_released"):
         GaussianStep(mean, torch.ones(1), mean, logprob="sum")
 
 
