@@ -300,3 +300,30 @@ def test_log_prob_setting_is_validated(overrides: list[str], words: str):
         load_run_config("sd3_tiny_flow_grpo", overrides)
     assert load_run_config("sd3_tiny_flow_grpo", ["algo=flow_grpo_cps", "algo.logprob=cps_released"]).algo.logprob \
         == "cps_released"
+
+
+@pytest.mark.integration
+def test_released_cps_convention_reaches_the_runs_log_probs(tmp_path):
+    """A run with algo.logprob=cps_released stores, for the same samples as an exact run, the log-probs of the
+    released convention: exact = released / (2 s^2) - log s - log sqrt(2 pi) per stored transition."""
+    from alignkit.compose import load_run_config
+    from alignkit.trainer import Trainer
+
+    def rollout(convention: str):
+        cfg = load_run_config("sd3_tiny_flow_grpo", [
+            f"output_dir={tmp_path / convention}", "algo=flow_grpo_cps", f"algo.logprob={convention}",
+            "train.prompts_per_epoch=2", "algo.num_seeds=2", "train.rollout_batch_size=4", "backbone.num_steps=4",
+            "train.log_with=[]"])
+        trainer = Trainer(cfg)
+        try:
+            return trainer.rollout(0).rollout.transitions
+        finally:
+            trainer.close()
+
+    exact, released = rollout("exact"), rollout("cps_released")
+    assert torch.equal(exact.next_state, released.next_state) and torch.equal(exact.scale, released.scale)
+    s = exact.scale.double()
+    assert (s > 0).all()
+    expected = released.log_prob.double() / (2 * s**2) - torch.log(s) - 0.5 * math.log(2 * math.pi)
+    torch.testing.assert_close(exact.log_prob.double(), expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(exact.log_prob, released.log_prob)
