@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import gc
 import json
 import logging
 import os
@@ -132,6 +133,7 @@ def lock_run_folder(output_dir: Path) -> RunLock:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_FILE
+    collected = False
     for _ in range(10):  # a lock file removed by its holder between our open and our flock: open it again
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -141,6 +143,17 @@ def lock_run_folder(output_dir: Path) -> RunLock:
                 mine = previous.get("pid") == os.getpid()
                 locked = not (previous and not mine and previous.get("host") == socket.gethostname()
                               and _alive(previous.get("pid")))
+            if not locked and previous.get("pid") == os.getpid() and not collected:
+                # held in this process: perhaps by a trainer nobody references any more (its finalizer releases)
+                os.close(fd)
+                gc.collect()
+                collected = True
+                continue
+            if not locked and previous.get("pid") == os.getpid():
+                raise RunFolderError(
+                    f"output_dir={out} is in use by another run in this process (pid {os.getpid()}): a Trainer on it "
+                    "is still open; let its train() finish or call its close(), or choose another output_dir"
+                )
             if not locked:
                 raise RunFolderError(
                     f"output_dir={out} is in use by another run: {_describe(previous)} holds {path}. Wait for that "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,7 @@ class Trainer:
         try:
             if self.is_main:
                 self._lock = lock_run_folder(self.out)
+                weakref.finalize(self, self._lock.release)  # a trainer dropped without close() frees the folder
             check = check_run_folder(self.cfg)
         except RunFolderError as exc:
             failure = str(exc)

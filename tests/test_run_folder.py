@@ -130,7 +130,8 @@ def test_a_live_lock_refuses_and_a_dead_ones_lock_is_taken_over(tmp_path: Path,
 def test_resume_refuses_training_changes_and_force_applies_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     first = _trainer(tmp_path, 1)
-    with pytest.raises(RunFolderError, match=r"in use by another run: pid \d+"):  # the folder is locked meanwhile
+    # the folder is locked while the first trainer is open
+    with pytest.raises(RunFolderError, match=r"in use by another run in this process \(pid \d+\)"):
         _trainer(tmp_path, 1)
     first.train()
     ckpt = latest_checkpoint(tmp_path)
