@@ -130,9 +130,9 @@ class Trainer:
         self.device = self.accelerator.device
         self.metrics: MetricsWriter | None = None
         self._lock: RunLock | None = None
-        # the folder is locked and checked against train.resume before anything loads
-        self._resume = self._claim_run_folder()
         try:
+            # the folder is locked and checked against train.resume before anything loads
+            self._resume = self._claim_run_folder()
             self._build(sampler, reward_set)
         except BaseException:
             self.close()
@@ -151,7 +151,6 @@ class Trainer:
             failure = str(exc)
         failures = [f for f in self.shard.gather(failure) if f]
         if failures:
-            self.close()
             raise RunFolderError(failures[0])
         assert check is not None
         return check
