@@ -170,8 +170,10 @@ def lock_run_folder(output_dir: Path) -> RunLock:
             os.close(fd)
             raise
         if previous:
-            how = "no longer running" if not _alive(previous.get("pid")) or previous.get("host") != \
-                socket.gethostname() else "running but no longer holding it"
+            if previous.get("host") != socket.gethostname():
+                how = "on another host, not holding it"
+            else:
+                how = "no longer running" if not _alive(previous.get("pid")) else "running but not holding it"
             logger.warning("taking over the stale lock of %s: %s (%s, a run that ended without releasing it)",
                            out, _describe(previous), how)
         body = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),

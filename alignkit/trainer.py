@@ -377,9 +377,10 @@ class Trainer:
         if self.state.epoch > self._saved_epoch:
             self.save()
         last = latest_checkpoint(self.out)
-        where = f"the last checkpoint is {last}" if last is not None else \
-            "no checkpoint was written yet (the first epoch had not finished)"
-        raise Interrupted(f"interrupted; {where}; rerun the same command to resume", signum)
+        if last is None:
+            raise Interrupted("interrupted; no checkpoint was written yet (the first epoch had not finished); rerun "
+                              "the same command to start again", signum)
+        raise Interrupted(f"interrupted; the last checkpoint is {last}; rerun the same command to resume", signum)
 
     def _count_masked(self, gathered: Gathered, scored: EpochCredit) -> None:
         """Count an epoch in which no transition can train because every sample is masked (its update is

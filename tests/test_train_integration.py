@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from safetensors.torch import load_file
-from weight_checks import WeightWatch, plain_lora_name
+from weight_checks import WeightWatch, ema_lora_tensors, plain_lora_name
 
 from alignkit.checkpoint import latest_checkpoint
 from alignkit.cli import main
@@ -51,9 +51,7 @@ def test_train_checkpoint_resume(recipe: str, tmp_path: Path) -> None:
     # trains with EMA; held-out evaluation samples with them), trainable_raw/ the trained LoRA
     ckpt = latest_checkpoint(out)
     assert ckpt is not None and ckpt.name == f"step-{state.global_step:08d}"
-    assert trainer.ema is not None
-    named = [n for n, p in trainer.sampler.trainable_module().named_parameters() if p.requires_grad]
-    ema = {plain_lora_name(n): s for n, s in zip(named, trainer.ema.shadow, strict=True) if "lora_" in n}
+    ema = ema_lora_tensors(trainer)
     saved = load_file(str(ckpt / "trainable" / LORA_WEIGHTS_NAME))
     source = resolve_pretrained(trainer.cfg.backbone.pretrained)
     pipe = CASES[recipe].from_pretrained(source, **absent_components(source))
