@@ -11,13 +11,14 @@ import torch
 from alignkit.config import RunConfig, TrainConfig
 from alignkit.credit import CreditAssigner, build_credit
 from alignkit.errors import ModelLoadError
+from alignkit.flow import FlowMatchingSampler
 from alignkit.interfaces import Sampler
 from alignkit.plans import ExplorationPlan, build_plan
 from alignkit.registry import SAMPLERS
 from alignkit.reward_set import RewardSet
 from alignkit.rollout import RolloutEngine
 
-__all__ = ["Components", "build_components", "build_optimizer", "build_reward_sets", "build_sampler",
+__all__ = ["Components", "apply_logprob", "build_components", "build_optimizer", "build_reward_sets", "build_sampler",
            "resolve_device"]
 
 
@@ -37,7 +38,7 @@ def build_sampler(cfg: RunConfig, device: torch.device) -> Sampler:
     """
     factory = SAMPLERS.get(cfg.backbone.name)
     try:
-        return factory.from_config(
+        sampler = factory.from_config(
             cfg.backbone, step_kind=cfg.algo.step_kind, noise_level=cfg.algo.noise_level, device=device
         )
     except OSError as exc:
@@ -48,6 +49,22 @@ def build_sampler(cfg: RunConfig, device: torch.device) -> Sampler:
             "pipeline folder (model_index.json and every component's config and weights, as save_pretrained "
             "writes it) or a hub id; re-download or re-save a truncated or corrupt weights file"
         ) from exc
+    return sampler
+
+
+def apply_logprob(sampler: Sampler, cfg: RunConfig) -> None:
+    """Set the flow sampler's log-probability convention from ``algo.logprob`` (the default, ``exact``, is
+    every sampler's own).
+
+    Raises:
+        ValueError: a convention other than ``exact`` for a sampler that is not a flow sampler.
+    """
+    if cfg.algo.logprob == "exact":
+        return
+    if not isinstance(sampler, FlowMatchingSampler):
+        raise ValueError(f"algo.logprob={cfg.algo.logprob!r}: backbone {cfg.backbone.name!r} is not a flow sampler; "
+                         "the conventions other than exact are those of flow steps (use algo.logprob=exact)")
+    sampler.use_logprob(cfg.algo.logprob)
 
 
 def build_reward_sets(cfg: RunConfig, reward_set: RewardSet | None = None) -> tuple[RewardSet, RewardSet]:
@@ -93,6 +110,7 @@ def build_components(cfg: RunConfig, device: torch.device, *, sampler: Sampler |
     """
     train_rewards, eval_rewards = build_reward_sets(cfg, reward_set)
     sampler = sampler or make_sampler(cfg, device)
+    apply_logprob(sampler, cfg)
     plan = build_plan(cfg.algo.plan.name, cfg.algo.plan.options)
     problems = plan.validate(sampler.num_steps)
     if problems:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -36,7 +37,7 @@ from alignkit.compose import (
     write_run_config,
 )
 from alignkit.config import ConfigError
-from alignkit.errors import AlignkitError
+from alignkit.errors import AlignkitError, Interrupted
 
 logger = logging.getLogger("alignkit")
 
@@ -98,15 +99,25 @@ def _is_main_process() -> bool:
 
 
 def cmd_train(args: list[str]) -> int:
+    from alignkit.checkpoint import latest_checkpoint
     from alignkit.trainer import Trainer
 
     recipe, overrides = _split(args)
     cfg = load_run_config(recipe, overrides)
     logger.info("recipe %s -> %s", recipe, cfg.output_dir)
-    trainer = Trainer(cfg)  # prompts, rewards, model and the checkpoint to resume: refused input writes nothing
-    if _is_main_process():
-        write_run_config(cfg.output_dir, cfg, overrides)
-    state = trainer.train()
+    try:
+        trainer = Trainer(cfg)  # prompts, rewards, model, the lock and the resume check: refused input writes nothing
+        if _is_main_process():
+            write_run_config(cfg.output_dir, cfg, overrides)
+        state = trainer.train()
+    except Interrupted as exc:  # stopped at a safe point by SIGINT / SIGTERM
+        logger.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt as exc:  # a second signal, or one before training began
+        last = latest_checkpoint(Path(cfg.output_dir))
+        where = f"the last checkpoint is {last}" if last is not None else "no checkpoint was written"
+        logger.error("aborted; %s; rerun the same command to resume", where)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     last = state.history[-1] if state.history else {}
     logger.info("done: epoch %d, step %d, last reward %.4g; outputs in %s", state.epoch, state.global_step,
                 last.get("reward/score_mean", math.nan), cfg.output_dir)
@@ -348,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, AlignkitError, ValueError, ImportError, KeyError, OSError) as exc:
         logger.error("%s", exc)
         return 2
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 128 + signal.SIGINT
     finally:
         if added and cwd in sys.path:
             sys.path.remove(cwd)

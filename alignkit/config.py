@@ -21,6 +21,32 @@ from typing import Any
 
 SEED_MAX = 2**32 - 1
 """Largest seed: NumPy's global generator, seeded with ``seed`` at the start of a run, takes 0 .. 2**32 - 1."""
+LOGPROB_CONVENTIONS = ("exact", "cps_released")
+"""Values of ``algo.logprob``: how a flow step's log-probability is computed (see :mod:`alignkit.flow`)."""
+RESUME_MODES = (True, False, "force")
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",),
+            "comet_ml": ("comet_ml",), "aim": ("aim",), "mlflow": ("mlflow",), "clearml": ("clearml",),
+            "dvclive": ("dvclive",), "swanlab": ("swanlab",)}
+"""accelerate's tracker names and the modules that provide them (any one of them)."""
+
+
+def tracker_problems(names: list[str], path: str) -> list[str]:
+    """Problems with ``train.log_with``: unknown tracker names, repeats and trackers whose package is not
+    installed (found without importing it)."""
+    import importlib.util
+
+    problems = []
+    for name in names:
+        if name not in TRACKERS:
+            problems.append(f"{path}: unknown tracker {name!r}; valid: {', '.join(TRACKERS)} (or [] for metrics.jsonl "
+                            "only)")
+        elif not any(importlib.util.find_spec(m) is not None for m in TRACKERS[name]):
+            extra = f"pip install 'alignkit[{name}]'" if name == "wandb" else f"pip install {TRACKERS[name][0]}"
+            problems.append(f"{path}: the {name} tracker needs the {TRACKERS[name][0]} package, which is not "
+                            f"installed; {extra}, or remove {name} from {path}")
+    if len(set(names)) < len(names):
+        problems.append(f"{path}={names}: a tracker is named twice; list each once")
+    return problems
 
 
 class ConfigError(ValueError):
@@ -197,7 +223,12 @@ class ObjectiveConfig:
 
 @dataclass
 class AlgoConfig:
-    """A GRPO variant: exploration plan + step family + credit assigner + objective."""
+    """A GRPO variant: exploration plan + step family + credit assigner + objective.
+
+    ``logprob``: how a flow step's log-probability is computed (:data:`LOGPROB_CONVENTIONS`, :mod:`alignkit.flow`):
+    ``exact`` (the Gaussian log-density, averaged over elements) or ``cps_released`` (Flow-GRPO's released
+    CPS code: ``-(x' - mean)^2`` averaged, without the ``1 / (2 std^2)`` scaling; ``step_kind=cps`` only).
+    """
 
     name: str = field(default="flow_grpo", metadata={
         "help": "A label for the variant (kept in the checkpoints' config; not looked up)."})
@@ -205,6 +236,9 @@ class AlgoConfig:
         "help": "Stochastic step family: flow_grpo, cps, dance_grpo, masked_confidence (alignkit list steps)."})
     noise_level: float = field(default=0.7, metadata={
         "help": "Exploration noise: a of the SDE step, eta of dance_grpo, the temperature of masked models."})
+    logprob: str = field(default="exact", metadata={
+        "help": "How a flow step's log-probability is computed: 'exact' (the Gaussian log-density) or "
+                "'cps_released' (Flow-GRPO's released CPS convention, without the 1/(2 s^2) factor; step_kind=cps)."})
     num_seeds: int = field(default=4, metadata={"help": "Initial noises (samples) per prompt; a group needs >= 2."})
     timestep_fraction: float = field(default=1.0, metadata={
         "help": "Share of each sample's stored transitions trained per inner epoch (a random subset), in (0, 1]."})
@@ -231,6 +265,13 @@ class AlgoConfig:
         elif self.step_kind == "cps" and self.noise_level > 1:
             problems.append(f"{path}.noise_level={self.noise_level} with {path}.step_kind=cps: must be in (0, 1] "
                             "(the step's std is sigma' sin(a pi / 2), which shrinks again above 1 and is 0 at 2)")
+        if self.logprob not in LOGPROB_CONVENTIONS:
+            problems.append(f"{path}.logprob={self.logprob!r}: use {' or '.join(LOGPROB_CONVENTIONS)} (exact: the "
+                            "Gaussian log-density; cps_released: Flow-GRPO's released CPS convention)")
+        elif self.logprob == "cps_released" and self.step_kind != "cps":
+            problems.append(f"{path}.logprob=cps_released with {path}.step_kind={self.step_kind!r}: the released "
+                            f"convention is that of the CPS step only; set {path}.step_kind=cps or "
+                            f"{path}.logprob=exact")
         if self.reward_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
             problems.append(
                 f"{path}.reward_aggregation={self.reward_aggregation!r}: use 'sum_then_normalize' (Flow-GRPO) "
@@ -263,7 +304,14 @@ class TrainConfig:
     number) and a training minibatch is ``train_batch_size`` transitions of all processes together, so a
     recipe gives the same updates on 1 or N processes. ``rollout_batch_size`` is per process (a memory
     setting). ``max_nonfinite_steps``: consecutive optimizer steps with a NaN / inf loss or gradient that
-    are skipped (and counted) before the run stops. ``keep_checkpoints``: newest checkpoints kept.
+    are skipped (and counted) before the run stops. ``max_masked_epochs``: consecutive epochs in which every
+    sample was masked (every reward None / NaN, or a non-finite decode) that are skipped (and counted,
+    ``train/masked_skipped``) before the run stops. ``keep_checkpoints``: newest checkpoints kept.
+    ``resume``: ``true`` continues the run in ``output_dir`` from its latest checkpoint (refusing a
+    configuration that would train differently, :mod:`alignkit.run_folder`), ``force`` continues it with the
+    new configuration, ``false`` starts a new run (refused when ``output_dir`` holds checkpoints).
+    ``log_with``: accelerate trackers fed with every epoch's metrics (``tensorboard``, ``wandb``, ...; install
+    the one named); ``metrics.jsonl`` is always written.
     ``sharding``: ``ddp`` (each process holds the whole model; gradients all-reduced) or ``fsdp`` (parameters,
     gradients and optimizer state sharded over the processes, :mod:`alignkit.fsdp`; ``no`` or ``bf16``
     mixed precision).
@@ -297,10 +345,15 @@ class TrainConfig:
     keep_checkpoints: int = field(default=3, metadata={"help": "Newest checkpoints kept; older ones are deleted."})
     sample_every: int = field(default=10, metadata={
         "help": "Write a captioned grid of training samples every this many epochs (and after the last)."})
-    resume: bool = field(default=True, metadata={
-        "help": "Continue from the latest checkpoint in output_dir when there is one."})
+    resume: bool | str = field(default=True, metadata={
+        "help": "true: continue from the latest checkpoint in output_dir, refusing changes that alter training; "
+                "force: continue and accept such changes; false: start afresh (refused when output_dir holds a run)."})
     max_nonfinite_steps: int = field(default=3, metadata={
         "help": "Consecutive optimizer steps with a NaN / inf loss or gradient skipped before the run stops."})
+    max_masked_epochs: int = field(default=3, metadata={
+        "help": "Consecutive epochs whose every sample is masked (no reward, non-finite decode) before the run stops."})
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={
+        "help": "Experiment trackers through accelerate (tensorboard, wandb, ...); metrics.jsonl is always written."})
     overlap_rewards: bool = field(default=True, metadata={
         "help": "Score finished samples on a worker thread while the rollout goes on."})
 
@@ -327,6 +380,14 @@ class TrainConfig:
         if self.max_nonfinite_steps < 0:
             problems.append(f"{path}.max_nonfinite_steps={self.max_nonfinite_steps}: must be >= 0 (consecutive "
                             "optimizer steps with a NaN / inf loss skipped before the run stops; 0 stops at the first)")
+        if self.max_masked_epochs < 0:
+            problems.append(f"{path}.max_masked_epochs={self.max_masked_epochs}: must be >= 0 (consecutive epochs "
+                            "whose every sample was masked skipped before the run stops; 0 stops at the first)")
+        if self.resume not in RESUME_MODES:
+            problems.append(f"{path}.resume={self.resume!r}: use true or false, or force (true: continue the run in "
+                            "output_dir with the same configuration; force: continue it with a changed one; false: "
+                            "a new run, output_dir must hold no checkpoints)")
+        problems += tracker_problems(self.log_with, f"{path}.log_with")
         if self.warmup_steps < 0:
             problems.append(f"{path}.warmup_steps={self.warmup_steps}: must be >= 0 (0 disables warm-up)")
         if not self.adam_eps > 0:
@@ -570,6 +631,12 @@ def _bind(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # the first alternative that binds without a problem, else the first's problems
+            for alternative in inner:
+                scratch: list[str] = []
+                bound = _bind(alternative, value, path, scratch)
+                if not scratch:
+                    return bound
         return _bind(inner[0], value, path, problems)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

@@ -29,3 +29,37 @@ class DistributedError(AlignkitError):
 
 class ModelLoadError(AlignkitError):
     """The backbone named by ``backbone.pretrained`` exists but cannot be loaded (incomplete or corrupt)."""
+
+
+class RunFolderError(AlignkitError):
+    """``output_dir`` cannot be used as asked: another run holds it, or resuming it would not continue its run
+    (a changed configuration, no intact checkpoint, ``train.resume=false`` on a folder with checkpoints)."""
+
+
+class MaskedError(AlignkitError):
+    """Too many consecutive epochs had every sample masked (no reward could score any sample)."""
+
+
+class Interrupted(AlignkitError):
+    """The run stopped at a safe point after SIGINT / SIGTERM; its last checkpoint is intact.
+
+    Attributes:
+        signum: the signal received; ``exit_code`` is ``128 + signum`` (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class Aborted(KeyboardInterrupt):
+    """A second SIGINT / SIGTERM while the run was stopping: raised at once, wherever the run was (checkpoints
+    are written atomically, so the last complete one is intact). ``signum``: the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

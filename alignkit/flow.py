@@ -6,6 +6,17 @@ Convention (diffusers ``FlowMatchEulerDiscreteScheduler``): sigma in [0, 1], sig
 
 Every step family maps ``(x, v, sigma, sigma_next, noise_level)`` to the Gaussian transition
 ``N(mean, std^2 I)``; the deterministic ODE step is ``x + delta * v`` for all of them.
+
+Log-probability conventions (``algo.logprob``, :data:`LOGPROB_CONVENTIONS`), both averaged over the non-batch
+elements:
+
+* ``exact``: the Gaussian log-density ``-(x' - mean)^2 / (2 std^2) - log std - log sqrt(2 pi)``, what
+  Flow-GRPO's and DanceGRPO's released code computes for their SDE steps, and the default for every family.
+* ``cps_released``: Flow-GRPO's released CPS code, ``-(x' - mean)^2`` ("remove all constants"), which also
+  drops the per-step ``1 / (2 std^2)`` factor. A log-ratio under it is the exact one times ``2 std^2``, a
+  different factor at each step: on SD3's 10-step schedule (shift 3, ``a = 0.7``) ``1 / (2 std^2)`` runs from
+  0.68 at the first step to about 7,900 at the last trainable one, so under the exact convention the clip
+  binds mostly on the late, low-noise steps, and under the released one hardly there.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alignkit.config import LOGPROB_CONVENTIONS
 from alignkit.interfaces import Sampler, StepDistribution
 from alignkit.registry import STEP_KINDS
 from alignkit.types import Conditioning
@@ -75,6 +87,10 @@ def cps_step(x, v, sigma, sigma_next, noise_level):
 
     ``mean = x0_hat (1 - sigma') + x1_hat sqrt(sigma'^2 - std^2)`` with ``x0_hat = x - sigma v`` and
     ``x1_hat = x + (1 - sigma) v``; the total noise coefficient stays ``sigma'``.
+
+    Its log-probability is the exact Gaussian log-density by default; Flow-GRPO's released CPS code uses
+    ``-(x' - mean)^2`` instead, without the ``1 / (2 std^2)`` scaling (up to ~7,900x at the last trainable step
+    of SD3's schedule): ``algo.logprob=cps_released`` reproduces it (module docstring).
     """
     std = sigma_next * math.sin(noise_level * math.pi / 2)
     s, sn, sd = _expand(sigma, x), _expand(sigma_next, x), _expand(std, x)
@@ -107,18 +123,25 @@ class GaussianStep:
         mean: ``[B, ...]`` float32 transition mean.
         std: ``[B]`` float32 transition std (0 for an ODE step).
         ode_mean: ``[B, ...]`` the deterministic (Euler ODE) next state.
+        logprob: the log-probability convention, one of :data:`LOGPROB_CONVENTIONS`.
     """
 
     mean: torch.Tensor
     std: torch.Tensor
     ode_mean: torch.Tensor
+    logprob: str = "exact"
+
+    def __post_init__(self) -> None:
+        if self.logprob not in LOGPROB_CONVENTIONS:
+            raise ValueError(f"algo.logprob={self.logprob!r}: use {' or '.join(LOGPROB_CONVENTIONS)}")
 
     @property
     def scale(self) -> torch.Tensor:
         return self.std
 
     def index(self, rows: torch.Tensor) -> GaussianStep:
-        return GaussianStep(mean=self.mean[rows], std=self.std[rows], ode_mean=self.ode_mean[rows])
+        return GaussianStep(mean=self.mean[rows], std=self.std[rows], ode_mean=self.ode_mean[rows],
+                            logprob=self.logprob)
 
     def mode(self) -> torch.Tensor:
         return self.ode_mean
@@ -128,14 +151,19 @@ class GaussianStep:
         return self.mean + _expand(self.std, self.mean) * noise
 
     def log_prob(self, next_state: torch.Tensor) -> torch.Tensor:
-        """Gaussian log-density averaged (not summed) over the non-batch elements, as the peers do.
+        """``[B]`` log-probability of ``next_state`` ``[B, ...]``, averaged (not summed) over the non-batch
+        elements, as the released Flow-GRPO and DanceGRPO code does.
 
-        Averaging keeps the ratio's scale independent of the resolution; ``clip_range`` ~1e-4 assumes it.
+        ``exact``: the Gaussian log-density; ``cps_released``: ``-(x' - mean)^2`` (Flow-GRPO's released CPS
+        code, no ``1 / (2 std^2)`` scaling and no constants). Averaging keeps the ratio's scale independent of
+        the resolution; ``clip_range`` ~1e-4 assumes it.
         """
         if bool((self.std <= 0).any()):
             raise ValueError("log_prob of a deterministic (std 0) step is undefined; only stochastic steps train")
-        std = _expand(self.std, self.mean)
         x = next_state.to(self.mean.dtype)
+        if self.logprob == "cps_released":
+            return (-((x - self.mean) ** 2)).flatten(1).mean(dim=1)
+        std = _expand(self.std, self.mean)
         lp = -((x - self.mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
         return lp.flatten(1).mean(dim=1)
 
@@ -159,6 +187,20 @@ class FlowMatchingSampler(Sampler):
         self.step_kind = step_kind
         self.step_fn: StepFn = STEP_KINDS.get(step_kind)
         self.noise_level = float(noise_level)
+        self.logprob = "exact"
+
+    def use_logprob(self, convention: str) -> None:
+        """Compute the stochastic steps' log-probabilities under ``convention`` (``algo.logprob``).
+
+        Raises:
+            ValueError: an unknown convention, or ``cps_released`` with another step family than ``cps``.
+        """
+        if convention not in LOGPROB_CONVENTIONS:
+            raise ValueError(f"algo.logprob={convention!r}: use {' or '.join(LOGPROB_CONVENTIONS)}")
+        if convention == "cps_released" and self.step_kind != "cps":
+            raise ValueError(f"algo.logprob=cps_released with algo.step_kind={self.step_kind!r}: the released "
+                             "convention is that of the CPS step; set algo.step_kind=cps or algo.logprob=exact")
+        self.logprob = convention
 
     @property
     @abstractmethod
@@ -184,7 +226,7 @@ class FlowMatchingSampler(Sampler):
         if not stochastic:
             return GaussianStep(mean=ode_mean, std=zero, ode_mean=ode_mean)
         mean, std = self.step_fn(x, v, sigma, sigma_next, self.noise_level)
-        return GaussianStep(mean=mean, std=std, ode_mean=ode_mean)
+        return GaussianStep(mean=mean, std=std, ode_mean=ode_mean, logprob=self.logprob)
 
     def transition_std(self) -> torch.Tensor:
         """``[N]`` transition std of each step of the schedule under the configured step family."""

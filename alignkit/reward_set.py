@@ -368,6 +368,10 @@ class OverlappedScorer:
         ms = [self.metadata[i] for i in prompt_index.tolist()]
         self._futures.append((sample_index.clone(), self._pool.submit(self.reward_set.score, samples, ps, ms)))
 
+    def cancel(self) -> None:
+        """Drop the chunks not scored yet (the epoch is abandoned); waits for the one being scored."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
     def result(self) -> RewardTable:
         """The table of every submitted sample, in sample order; re-raises a reward's error."""
         try:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -20,24 +22,28 @@ from alignkit.build import build_components, build_optimizer, build_sampler, res
 from alignkit.checkpoint import (
     CheckpointParts,
     TrainState,
+    latest_checkpoint,
     open_checkpoint,
     prompt_fingerprint,
     restore_checkpoint,
     save_training_checkpoint,
+    truncate_metrics,
 )
-from alignkit.config import ConfigError, RunConfig
+from alignkit.config import ConfigError, RunConfig, to_dict
 from alignkit.credit import CreditAssigner
 from alignkit.distributed import Gathered, Shard, canonical_order, gather_rollout, on_every_process
 from alignkit.ema import EMA
-from alignkit.errors import NonFiniteError
+from alignkit.errors import Interrupted, MaskedError, NonFiniteError, RunFolderError
 from alignkit.evaluation import evaluate, evaluate_heldout, save_preview
 from alignkit.fsdp import shard_module
 from alignkit.interfaces import Sampler
-from alignkit.metrics import MetricsWriter
+from alignkit.interrupt import StopRequest
+from alignkit.metrics import MetricsWriter, flat_config, tracker_settings
 from alignkit.plans import ExplorationPlan, PlanSchedule
 from alignkit.prompts import load_prompts
 from alignkit.reward_set import OverlappedScorer, RewardSet
 from alignkit.rollout import RolloutRequest, sample_generator
+from alignkit.run_folder import ResumeCheck, RunLock, check_resume, check_run_folder, lock_run_folder
 from alignkit.types import Credit, Rollout
 from alignkit.update import Updater
 
@@ -102,7 +108,6 @@ class Trainer:
     def __init__(self, cfg: RunConfig, sampler: Sampler | None = None, reward_set: RewardSet | None = None,
                  *, tensorboard: bool = True) -> None:
         from accelerate import Accelerator, DistributedDataParallelKwargs
-        from accelerate.utils import set_seed
 
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
@@ -115,6 +120,7 @@ class Trainer:
             mixed_precision=cfg.train.mixed_precision, cpu=on_cpu,
             # gradients are summed explicitly (see alignkit.update); the model's buffers are constants
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+            **tracker_settings(self.out, cfg.train.log_with if tensorboard else []),
         )
         self.shard = Shard(self.accelerator.process_index, self.accelerator.num_processes)
         self.fsdp = cfg.train.sharding == "fsdp" and self.shard.distributed
@@ -122,6 +128,37 @@ class Trainer:
             logger.warning("train.sharding=fsdp with one process: nothing to shard, the model stays whole")
         self.shard.block(list(range(cfg.train.prompts_per_epoch)), "train.prompts_per_epoch")  # fail before loading
         self.device = self.accelerator.device
+        self.metrics: MetricsWriter | None = None
+        self._lock: RunLock | None = None
+        try:
+            # the folder is locked and checked against train.resume before anything loads
+            self._resume = self._claim_run_folder()
+            self._build(sampler, reward_set)
+        except BaseException:
+            self.close()
+            raise
+
+    def _claim_run_folder(self) -> ResumeCheck:
+        """Lock ``output_dir`` (main process) and check it against ``train.resume`` (every process); a refusal
+        on any process is raised on every process."""
+        failure, check = None, None
+        try:
+            if self.is_main:
+                self._lock = lock_run_folder(self.out)
+                weakref.finalize(self, self._lock.release)  # a trainer dropped without close() frees the folder
+            check = check_run_folder(self.cfg)
+        except RunFolderError as exc:
+            failure = str(exc)
+        failures = [f for f in self.shard.gather(failure) if f]
+        if failures:
+            raise RunFolderError(failures[0])
+        assert check is not None
+        return check
+
+    def _build(self, sampler: Sampler | None, reward_set: RewardSet | None) -> None:
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
         # alignkit draws from generators seeded per (seed, epoch, ...); the global RNGs (torch, CUDA, Python,
         # NumPy) are seeded too, for code outside it, and saved in checkpoints
         set_seed(cfg.seed)
@@ -133,7 +170,11 @@ class Trainer:
         self.credit: CreditAssigner = c.credit
         self.engine = c.engine
         # the checkpoint to resume from is read now: its trainable weights go in before sharding
-        opened = open_checkpoint(self.out, self.train_prompts, self.sampler) if cfg.train.resume else None
+        force = cfg.train.resume == "force"
+        opened = open_checkpoint(self.out, self.train_prompts, self.sampler, force=force) \
+            if self._resume.checkpoint is not None else None
+        if opened is not None and opened.path != self._resume.checkpoint:  # fell back to an older checkpoint
+            check_resume(cfg, opened.meta.get("config"), opened.path)
         if self.fsdp:
             shard_module(self.sampler.trainable_module(), self.sampler.fsdp_units(), cfg.train.mixed_precision)
 
@@ -149,16 +190,32 @@ class Trainer:
         self.params = params
         t = cfg.train
         self.ema = EMA(params, t.ema.decay) if t.ema.enabled else None
-        self.state = TrainState() if opened is None else restore_checkpoint(
-            opened, self._checkpoint_parts(), output_dir=self.out, is_main=self.is_main,
-            barrier=self.accelerator.wait_for_everyone)
+        barrier = self.accelerator.wait_for_everyone
+        if opened is None:  # a fresh start: rows an earlier start wrote before any checkpoint are trained again
+            truncate_metrics(self.out, None, is_main=self.is_main, barrier=barrier)
+            self.state = TrainState()
+        else:
+            self.state = restore_checkpoint(opened, self._checkpoint_parts(), output_dir=self.out,
+                                            is_main=self.is_main, barrier=barrier,
+                                            settings=cfg.train if force else None)
+        self._saved_epoch = self.state.epoch  # the epoch of the latest checkpoint of this run (0: none yet)
         self.updater = Updater(cfg, self.accelerator, self.sampler, module, params, self.optimizer,
                                self.lr_scheduler, self.ema, self.shard, self.fsdp, self.out)
         self._last_heldout: float | None = None  # latest held-out mean of the first reward, for the progress bar
-        self.metrics = MetricsWriter(self.out, tensorboard=tensorboard) if self.is_main else None
+        if self.is_main:
+            self.metrics = MetricsWriter(self.out, self.accelerator, first_step=self.state.epoch + 1 if opened else 0,
+                                         config=flat_config(to_dict(cfg)))
         if self.shard.distributed:
             logger.warning("process %d of %d: rolls out %d of the %d prompts per epoch", self.shard.rank,
                            self.shard.world_size, t.prompts_per_epoch // self.shard.world_size, t.prompts_per_epoch)
+
+    def close(self) -> None:
+        """Finish the trackers and release ``output_dir``'s lock (done by :meth:`train` when it returns or
+        raises; call it for a trainer that is not trained)."""
+        if self.metrics is not None:
+            self.metrics.close()
+        if self._lock is not None:
+            self._lock.release()
 
     @property
     def is_main(self) -> bool:
@@ -178,8 +235,10 @@ class Trainer:
         Raises:
             CheckpointError: the write failed (on every process); earlier checkpoints are intact.
         """
-        return save_training_checkpoint(self.out, self.state, self._checkpoint_parts(), prompts=self.train_prompts,
+        path = save_training_checkpoint(self.out, self.state, self._checkpoint_parts(), prompts=self.train_prompts,
                                         cfg=self.cfg, shard=self.shard, is_main=self.is_main)
+        self._saved_epoch = self.state.epoch
+        return path
 
     # --- one epoch ------------------------------------------------------------------------------------
 
@@ -232,54 +291,123 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------------------
 
     def train(self) -> TrainState:
-        """Train from the current epoch (0, or the resumed checkpoint's) to ``train.epochs``."""
+        """Train from the current epoch (0, or the resumed checkpoint's) to ``train.epochs``.
+
+        SIGINT / SIGTERM stop the run at the next safe point between phases (:mod:`alignkit.interrupt`): an
+        epoch whose update has not begun is abandoned, one whose update has run is completed; a checkpoint is
+        written when an epoch finished since the last one, then :class:`Interrupted` is raised. The lock of
+        ``output_dir`` is released when this returns or raises.
+
+        Raises:
+            Interrupted: stopped by a signal; names the last checkpoint.
+            MaskedError: ``train.max_masked_epochs`` was exceeded.
+            NonFiniteError: ``train.max_nonfinite_steps`` was exceeded.
+        """
         cfg = self.cfg
         bar = tqdm(total=cfg.train.epochs, initial=self.state.epoch, desc="alignkit", unit="epoch",
                    disable=not self.is_main, dynamic_ncols=True)
-        if cfg.eval.before_after and self.state.epoch == 0:
-            before = self.evaluate_heldout("eval_before")
-            if self.is_main:
-                self.metrics.write(0, {"epoch": 0.0, "global_step": 0.0, "rollout/nfe_total": 0.0,
-                                       "time/total_s": 0.0, **before})
-                bar.write("held-out before training: " + _fmt(before))
-                bar.set_postfix(heldout=f"{self._last_heldout:.3f}")
         try:
-            while self.state.epoch < cfg.train.epochs:
-                epoch = self.state.epoch
-                t0 = time.perf_counter()
-                rolled = self.rollout(epoch)
-                t1 = time.perf_counter()
-                gathered = self.score(rolled)
-                scored = self.assign_credit(gathered)
-                t2 = time.perf_counter()
-                stats = self.optimize(rolled.rollout, gathered, scored.credit, epoch)
-                t3 = time.perf_counter()
-                self.state.epoch += 1
-                self.state.nfe_total += gathered.nfe
-                self.state.seconds_total += t3 - t0
-                metrics = self._epoch_metrics(gathered, scored, stats, (t0, t1, t2, t3))
-                last = self.state.epoch == cfg.train.epochs
-                if (cfg.eval.every and self.state.epoch % cfg.eval.every == 0) or (last and cfg.eval.before_after):
-                    after = self.evaluate_heldout("eval_after" if last else f"eval_{self.state.epoch:05d}")
-                    metrics.update(after)
-                    if last and self.is_main:
-                        bar.write("held-out after training: " + _fmt(after))
-                if self.is_main:
-                    if epoch % cfg.train.sample_every == 0 or last:
-                        save_preview(self.sampler, rolled.rollout, scored.score,
-                                     self.out / "samples" / f"epoch_{epoch:05d}.png")
-                    metrics["time/epoch_s"] = time.perf_counter() - t0
-                    self.metrics.write(self.state.epoch, metrics)
-                    bar.set_postfix(self._postfix(metrics))
-                    bar.update(1)
-                self.state.history.append(metrics)
-                if self.state.epoch % cfg.train.checkpoint_every == 0 or last:
-                    self.save()
+            with StopRequest() as stop:
+                if cfg.eval.before_after and self.state.epoch == 0:
+                    before = self.evaluate_heldout("eval_before")
+                    if self.is_main:
+                        self.metrics.write(0, {"epoch": 0.0, "global_step": 0.0, "rollout/nfe_total": 0.0,
+                                               "time/total_s": 0.0, **before})
+                        bar.write("held-out before training: " + _fmt(before))
+                        bar.set_postfix(heldout=f"{self._last_heldout:.3f}")
+                while self.state.epoch < cfg.train.epochs:
+                    self._stop_if_asked(stop)
+                    self._epoch(stop, bar)
         finally:
             bar.close()
-            if self.metrics is not None:
-                self.metrics.close()
+            self.close()
         return self.state
+
+    def _epoch(self, stop: StopRequest, bar: Any) -> None:
+        """One epoch: rollout -> score -> credit -> update -> log -> checkpoint. A stop asked before the update
+        abandons the epoch (nothing of it is kept); once the update ran, the epoch is completed."""
+        cfg = self.cfg
+        epoch = self.state.epoch
+        t0 = time.perf_counter()
+        rolled = self.rollout(epoch)
+        t1 = time.perf_counter()
+        try:
+            self._stop_if_asked(stop)
+        except Interrupted:
+            if rolled.scorer is not None:
+                rolled.scorer.cancel()
+            raise
+        gathered = self.score(rolled)
+        scored = self.assign_credit(gathered)
+        t2 = time.perf_counter()
+        self._stop_if_asked(stop)
+        self._count_masked(gathered, scored)
+        stats = self.optimize(rolled.rollout, gathered, scored.credit, epoch)
+        t3 = time.perf_counter()
+        self.state.epoch += 1
+        self.state.nfe_total += gathered.nfe
+        self.state.seconds_total += t3 - t0
+        metrics = self._epoch_metrics(gathered, scored, stats, (t0, t1, t2, t3))
+        last = self.state.epoch == cfg.train.epochs
+        if (cfg.eval.every and self.state.epoch % cfg.eval.every == 0) or (last and cfg.eval.before_after):
+            after = self.evaluate_heldout("eval_after" if last else f"eval_{self.state.epoch:05d}")
+            metrics.update(after)
+            if last and self.is_main:
+                bar.write("held-out after training: " + _fmt(after))
+        if self.is_main:
+            if epoch % cfg.train.sample_every == 0 or last:
+                save_preview(self.sampler, rolled.rollout, scored.score,
+                             self.out / "samples" / f"epoch_{epoch:05d}.png")
+            metrics["time/epoch_s"] = time.perf_counter() - t0
+            self.metrics.write(self.state.epoch, metrics)
+            bar.set_postfix(self._postfix(metrics))
+            bar.update(1)
+        self.state.history.append(metrics)
+        if self.state.epoch % cfg.train.checkpoint_every == 0 or last:
+            self.save()
+
+    def _stop_if_asked(self, stop: StopRequest) -> None:
+        """At a safe point: when a stop signal arrived (on any process), write a checkpoint if an epoch finished
+        since the last one and raise :class:`Interrupted` naming the last checkpoint."""
+        signum = stop.signum
+        if self.shard.distributed:  # every process stops at the same point
+            signum = next((s for s in self.shard.gather(signum) if s is not None), None)
+        if signum is None:
+            return
+        if self.state.epoch > self._saved_epoch:
+            self.save()
+        last = latest_checkpoint(self.out)
+        if last is None:
+            raise Interrupted("interrupted; no checkpoint was written yet (the first epoch had not finished); rerun "
+                              "the same command to start again", signum)
+        raise Interrupted(f"interrupted; the last checkpoint is {last}; rerun the same command to resume", signum)
+
+    def _count_masked(self, gathered: Gathered, scored: EpochCredit) -> None:
+        """Count an epoch in which no transition can train because every sample is masked (its update is
+        skipped: ``train/masked_skipped``); more than ``train.max_masked_epochs`` in a row stop the run."""
+        s = self.state
+        if bool(scored.credit.mask.any()):
+            s.consecutive_masked = 0
+            return
+        s.masked_skipped += 1
+        s.consecutive_masked += 1
+        n = len(gathered.keys)
+        causes = [f"reward {name!r} could not score {bad} of {n} samples"
+                  for name, bad in gathered.table.invalid.items() if bad] or ["no sample has a valid score"]
+        cause = "; ".join(causes)
+        logger.warning("epoch %d: every sample is masked (%s): its update is skipped (%d such epochs in a row)",
+                       s.epoch, cause, s.consecutive_masked)
+        limit = self.cfg.train.max_masked_epochs
+        if s.consecutive_masked > limit:
+            last = latest_checkpoint(self.out)
+            kept = f"the last checkpoint, {last}, is kept" if last else "no checkpoint had been written yet"
+            raise MaskedError(
+                f"{s.consecutive_masked} consecutive epochs had every sample masked, so nothing could train (last: "
+                f"epoch {s.epoch}, {cause}; limit train.max_masked_epochs={limit}); {kept}. A reward that returns "
+                "None / NaN for every sample (a reward service that is down, inputs it cannot read) or samples "
+                "that decode to NaN / inf (backbone.dtype=float32 helps) cause this; fix it and rerun the same "
+                "command to resume, or raise train.max_masked_epochs"
+            )
 
     def _postfix(self, metrics: dict[str, float], window: int = 10) -> dict[str, str]:
         """Progress-bar fields: this epoch's reward, its mean over the last ``window`` epochs (the trend
@@ -314,6 +442,7 @@ class Trainer:
         m["rollout/samples"] = float(len(gathered.keys))
         m["rollout/transitions"] = float(len(gathered.transitions))
         m["train/nonfinite_skipped"] = float(self.state.nonfinite_skipped)
+        m["train/masked_skipped"] = float(self.state.masked_skipped)
         m["train/scale_overflows"] = float(self.state.scale_overflows)
         m["run/processes"] = float(self.shard.world_size)
         m["time/rollout_s"], m["time/reward_s"], m["time/train_s"] = t1 - t0, t2 - t1, t3 - t2

@@ -139,7 +139,7 @@ class Updater:
         self.sampler.train(True)
         for inner in range(t.inner_epochs):
             rows = self.training_rows(layout.transitions, credit, epoch, inner)
-            batches = list(torch.split(rows, t.train_batch_size))
+            batches = [b for b in torch.split(rows, t.train_batch_size) if len(b)]  # none when every row is masked
             accum = t.gradient_accumulation_steps
             for start in range(0, len(batches), accum):
                 group = batches[start:start + accum]

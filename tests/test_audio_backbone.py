@@ -15,7 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file
-from weight_checks import WeightWatch, plain_lora_name
+from weight_checks import WeightWatch, ema_lora_tensors, plain_lora_name
 
 from alignkit.checkpoint import latest_checkpoint
 from alignkit.config import BackboneConfig, ConfigError, LoraConfig
@@ -302,16 +302,19 @@ def test_stable_audio_tiny_tempflow_grpo_trains(tmp_path: Path) -> None:
     assert all(r["reward/loudness_range_invalid"] == 0 and r["reward/silence_ratio_invalid"] == 0 for r in rows)
     assert (out / "samples" / "epoch_00000.png").is_file()  # amplitude plots
 
-    # the checkpoint holds the trained LoRA, loadable with peft into the stock transformer
+    # the checkpoint holds the EMA LoRA (trainable/, the recipe trains with EMA) and the trained one
+    # (trainable_raw/), each loadable with peft into the stock transformer
     ckpt = latest_checkpoint(out)
     assert ckpt is not None
-    saved = load_file(str(ckpt / "trainable" / LORA_WEIGHTS_NAME))
-    stock = StableAudio3Pipeline.from_pretrained(resolve_pretrained(cfg.backbone.pretrained)).transformer
-    inject_adapter_in_model(PeftLoraConfig.from_pretrained(str(ckpt / "trainable")), stock)
-    set_peft_model_state_dict(stock, {k.removeprefix("transformer."): v for k, v in saved.items()})
-    loaded = {plain_lora_name(n): p for n, p in stock.named_parameters() if "lora_" in n}
-    assert len(loaded) == len(lora1) == len(saved)
-    assert all(torch.equal(loaded[plain_lora_name(n)].detach(), v) for n, v in lora1.items())
+    trained = {plain_lora_name(n): v for n, v in lora1.items()}
+    for folder, expected in (("trainable", ema_lora_tensors(trainer)), ("trainable_raw", trained)):
+        saved = load_file(str(ckpt / folder / LORA_WEIGHTS_NAME))
+        stock = StableAudio3Pipeline.from_pretrained(resolve_pretrained(cfg.backbone.pretrained)).transformer
+        inject_adapter_in_model(PeftLoraConfig.from_pretrained(str(ckpt / folder)), stock)
+        set_peft_model_state_dict(stock, {k.removeprefix("transformer."): v for k, v in saved.items()})
+        loaded = {plain_lora_name(n): p for n, p in stock.named_parameters() if "lora_" in n}
+        assert len(loaded) == len(expected) == len(saved)
+        assert all(torch.equal(loaded[n].detach(), v) for n, v in expected.items()), folder
 
 
 def test_stable_audio_3_is_a_registered_sampler() -> None:

@@ -28,7 +28,7 @@ from alignkit.compose import list_recipes, load_run_config
 from alignkit.config import ConfigError, CreditConfig, PromptsConfig, RewardTermConfig
 from alignkit.credit import GroupCredit
 from alignkit.distributed import Shard
-from alignkit.errors import CheckpointError, DistributedError, ModelLoadError, RewardError
+from alignkit.errors import CheckpointError, DistributedError, ModelLoadError, RewardError, RunFolderError
 from alignkit.metrics import read_metrics
 from alignkit.modalities.diffusers_common import LORA_WEIGHTS_NAME, resolve_pretrained
 from alignkit.prompts import load_prompts
@@ -413,12 +413,26 @@ def test_corrupt_checkpoint_weights_on_resume(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_resume_with_other_prompts_is_refused(tmp_path: Path) -> None:
+    """Changed prompts: in the configuration, the resume check lists the field; in a prompt file whose path is
+    unchanged, the checkpoint's prompt fingerprint catches it. Either way nothing trains, and the fixes are a
+    new output_dir or an explicit train.resume=force."""
     Trainer(load_run_config(RECIPE, _run_overrides(tmp_path, 1)), tensorboard=False).train()
     cfg = load_run_config(RECIPE, [*_run_overrides(tmp_path, 2), "prompts.train=[a red cube,a blue cone]"])
-    with pytest.raises(CheckpointError) as info:
-        Trainer(cfg, tensorboard=False).train()
+    with pytest.raises(RunFolderError) as info:
+        Trainer(cfg, tensorboard=False)
     msg = str(info.value)
-    assert "other training prompts" in msg and "new output_dir" in msg and "train.resume=false" in msg
+    assert "prompts.train" in msg and "a red cube" in msg and "new folder" in msg and "train.resume=force" in msg
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple\na green pear\n")
+    run = [*_run_overrides(tmp_path / "file", 1), "prompts.source=file", f"prompts.train_file={prompts}"]
+    Trainer(load_run_config(RECIPE, run), tensorboard=False).train()
+    prompts.write_text("a red cube\na blue cone\n")  # the same setting, other prompts
+    run = [*_run_overrides(tmp_path / "file", 2), "prompts.source=file", f"prompts.train_file={prompts}"]
+    with pytest.raises(CheckpointError) as info:
+        Trainer(load_run_config(RECIPE, run), tensorboard=False)
+    msg = str(info.value)
+    assert "other training prompts" in msg and "new output_dir" in msg and "train.resume=force" in msg
 
 
 def test_config_error_type() -> None:

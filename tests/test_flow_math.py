@@ -231,3 +231,99 @@ def test_gaussian_sample_is_mean_plus_std_times_row_noise():
     noise = torch.stack([torch.randn(6, generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
     torch.testing.assert_close(x, mean + std[:, None] * noise)
     assert torch.equal(step.mode(), mean)
+
+
+# --- log-probability conventions (algo.logprob) --------------------------------------------------------------
+
+
+def test_log_prob_conventions_by_hand():
+    """exact: the Gaussian log-density; cps_released: Flow-GRPO's released CPS code, -(x' - mean)^2; both averaged
+    over the non-batch elements. Values written out by hand."""
+    mean = torch.tensor([[0.0, 1.0], [2.0, 2.0]], dtype=torch.float64)
+    nxt = torch.tensor([[1.0, 1.0], [2.0, 4.0]], dtype=torch.float64)
+    std = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    released = GaussianStep(mean, std, mean, logprob="cps_released").log_prob(nxt)
+    assert released.tolist() == [-(1.0 + 0.0) / 2, -(0.0 + 4.0) / 2]
+    exact = GaussianStep(mean, std, mean).log_prob(nxt)
+    c = 0.5 * math.log(2 * math.pi)
+    row0 = (-(1.0 / (2 * 0.25)) + 0.0) / 2 - math.log(0.5) - c  # squared distances 1 and 0, std 0.5
+    row1 = (0.0 - 4.0 / (2 * 4.0)) / 2 - math.log(2.0) - c  # squared distances 0 and 4, std 2
+    assert exact.tolist() == pytest.approx([row0, row1], rel=1e-12)
+
+
+def test_released_cps_log_ratio_is_the_exact_one_times_two_variances():
+    """The constants cancel in a log-ratio; what remains differs by the step's factor 2 std^2."""
+    g = torch.Generator().manual_seed(11)
+    shape = (3, 2, 4, 4)
+    old = torch.randn(shape, generator=g, dtype=torch.float64)
+    new = torch.randn(shape, generator=g, dtype=torch.float64)
+    std = torch.tensor([0.01, 0.3, 1.5], dtype=torch.float64)
+    nxt = old + std.reshape(-1, 1, 1, 1) * torch.randn(shape, generator=g, dtype=torch.float64)
+
+    def log_ratio(convention: str) -> torch.Tensor:
+        return GaussianStep(new, std, new, logprob=convention).log_prob(nxt) - \
+            GaussianStep(old, std, old, logprob=convention).log_prob(nxt)
+
+    torch.testing.assert_close(log_ratio("cps_released"), log_ratio("exact") * 2 * std**2)
+
+
+def test_released_cps_scaling_reaches_about_7900_on_sd3s_schedule():
+    """The factor the released convention drops, 1 / (2 std^2) with std = sigma' sin(a pi / 2), at the last
+    trainable step of SD3's 10-step schedule (shift 3, a = 0.7), as the docstring and README state."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(10)
+    sigmas = scheduler.sigmas.double()
+    x = torch.zeros(10, 1, dtype=torch.float64)
+    _, std = cps_step(x, x, sigmas[:-1], sigmas[1:], 0.7)
+    factor = 1 / (2 * std[:-1] ** 2)  # the last step (sigma' = 0) never trains
+    assert factor[0].item() == pytest.approx(0.683, abs=1e-3)
+    assert factor[-1].item() == pytest.approx(7900, rel=1e-3)
+
+
+def test_unknown_log_prob_convention_is_refused():
+    mean = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match=r"algo\.logprob='sum'.*exact or cps_released"):
+        GaussianStep(mean, torch.ones(1), mean, logprob="sum")
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    (["algo.logprob=summed"], "algo.logprob='summed': use exact or cps_released"),
+    (["algo.logprob=cps_released"], "algo.logprob=cps_released with algo.step_kind='flow_grpo'"),
+])
+def test_log_prob_setting_is_validated(overrides: list[str], words: str):
+    from alignkit.compose import load_run_config
+    from alignkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        load_run_config("sd3_tiny_flow_grpo", overrides)
+    assert load_run_config("sd3_tiny_flow_grpo", ["algo=flow_grpo_cps", "algo.logprob=cps_released"]).algo.logprob \
+        == "cps_released"
+
+
+@pytest.mark.integration
+def test_released_cps_convention_reaches_the_runs_log_probs(tmp_path):
+    """A run with algo.logprob=cps_released stores, for the same samples as an exact run, the log-probs of the
+    released convention: exact = released / (2 s^2) - log s - log sqrt(2 pi) per stored transition."""
+    from alignkit.compose import load_run_config
+    from alignkit.trainer import Trainer
+
+    def rollout(convention: str):
+        cfg = load_run_config("sd3_tiny_flow_grpo", [
+            f"output_dir={tmp_path / convention}", "algo=flow_grpo_cps", f"algo.logprob={convention}",
+            "train.prompts_per_epoch=2", "algo.num_seeds=2", "train.rollout_batch_size=4", "backbone.num_steps=4",
+            "train.log_with=[]"])
+        trainer = Trainer(cfg)
+        try:
+            return trainer.rollout(0).rollout.transitions
+        finally:
+            trainer.close()
+
+    exact, released = rollout("exact"), rollout("cps_released")
+    assert torch.equal(exact.next_state, released.next_state) and torch.equal(exact.scale, released.scale)
+    s = exact.scale.double()
+    assert (s > 0).all()
+    expected = released.log_prob.double() / (2 * s**2) - torch.log(s) - 0.5 * math.log(2 * math.pi)
+    torch.testing.assert_close(exact.log_prob.double(), expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(exact.log_prob, released.log_prob)

@@ -166,3 +166,66 @@ def test_fp16_on_cpu_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         Trainer(load_run_config("sd3_tiny_flow_grpo", [*_overrides(tmp_path, 1), "train.mixed_precision=fp16"]))
     assert "train.mixed_precision=fp16" in str(info.value) and "use train.mixed_precision=bf16" in str(info.value)
+
+
+# --- epochs in which every sample is masked -------------------------------------------------------------------
+
+
+class Unscorable:
+    """A reward (JPEG-size stand-in: the mean pixel) that returns None for every sample in the calls numbered
+    ``bad`` (1-based; one call per epoch here), as a reward service that is down would."""
+
+    def __init__(self, bad: set[int] | None = None, always: bool = False) -> None:
+        self.bad, self.always, self.calls = bad or set(), always, 0
+
+    def __call__(self, samples: torch.Tensor, prompts: list[str], metadata: list[dict]) -> list[float | None]:
+        self.calls += 1
+        if self.always or self.calls in self.bad:
+            return [None] * len(prompts)
+        return samples.flatten(1).mean(dim=1).tolist()
+
+
+def _masked_overrides(out: Path, epochs: int, *extra: str) -> list[str]:
+    return [*_overrides(out, epochs), "train.overlap_rewards=false", "train.rollout_batch_size=4", *extra]
+
+
+@pytest.mark.parametrize("cause", ["unscorable", "nonfinite_decode"])
+def test_an_epoch_with_every_sample_masked_is_skipped_and_counted(tmp_path: Path, cause: str,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from alignkit.reward_set import RewardSet, RewardTerm
+
+    reward = Unscorable(bad={2} if cause == "unscorable" else set())
+    trainer = Trainer(load_run_config("sd3_tiny_flow_grpo", _masked_overrides(tmp_path, 3)),
+                      reward_set=RewardSet([RewardTerm("mean", reward, 1.0)]), tensorboard=False)
+    if cause == "nonfinite_decode":  # every sample of the second epoch decodes to NaN
+        decode = trainer.sampler.decode
+
+        def diverged(states: torch.Tensor):
+            out = decode(states)
+            return out * math.nan if trainer.state.epoch == 1 else out
+
+        trainer.sampler.decode = diverged
+    with caplog.at_level(logging.WARNING):
+        state = trainer.train()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["train/masked_skipped"] for r in rows] == [0.0, 1.0, 1.0]
+    assert [r["train/minibatches"] for r in rows] == [STEPS_PER_EPOCH, 0.0, STEPS_PER_EPOCH]
+    assert state.global_step == 2 * STEPS_PER_EPOCH and state.masked_skipped == 1 and state.consecutive_masked == 0
+    assert rows[1]["reward/mean_invalid"] == 4.0
+    assert "every sample is masked" in caplog.text and "could not score 4 of 4 samples" in caplog.text
+    assert load_checkpoint(latest_checkpoint(tmp_path))[1]["masked_skipped"] == 1
+
+
+def test_persistently_masked_epochs_stop_the_run_with_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("alignkit.reward_set.resolve_reward",
+                        lambda name, term: Unscorable(always=True))  # every reward of the run cannot score
+    code = main(["train", "sd3_tiny_flow_grpo", *_masked_overrides(tmp_path, 5, "train.max_masked_epochs=1")])
+    assert code == 2
+    for words in ("2 consecutive epochs had every sample masked", "train.max_masked_epochs=1",
+                  "reward 'jpeg_compressibility' could not score 4 of 4 samples", "the last checkpoint"):
+        assert words in caplog.text, words
+    assert "Traceback" not in caplog.text and "ZeroDivisionError" not in caplog.text
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["train/masked_skipped"] for r in rows] == [1.0]  # the epoch that stopped the run is not recorded
+    assert load_checkpoint(latest_checkpoint(tmp_path))[1]["epoch"] == 1

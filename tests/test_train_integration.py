@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from safetensors.torch import load_file
-from weight_checks import WeightWatch, plain_lora_name
+from weight_checks import WeightWatch, ema_lora_tensors, plain_lora_name
 
 from alignkit.checkpoint import latest_checkpoint
 from alignkit.cli import main
@@ -47,16 +47,21 @@ def test_train_checkpoint_resume(recipe: str, tmp_path: Path) -> None:
     assert rows[0]["rollout/nfe"] == 4 * 4 and rows[0]["rollout/transitions"] == 4 * 3
     assert (out / "samples" / "epoch_00000.png").is_file()
 
-    # the checkpoint loads into the stock diffusers pipeline and reproduces the trained LoRA
+    # the checkpoint loads into the stock diffusers pipeline: trainable/ reproduces the EMA weights (the recipe
+    # trains with EMA; held-out evaluation samples with them), trainable_raw/ the trained LoRA
     ckpt = latest_checkpoint(out)
     assert ckpt is not None and ckpt.name == f"step-{state.global_step:08d}"
+    ema = ema_lora_tensors(trainer)
     saved = load_file(str(ckpt / "trainable" / LORA_WEIGHTS_NAME))
     source = resolve_pretrained(trainer.cfg.backbone.pretrained)
     pipe = CASES[recipe].from_pretrained(source, **absent_components(source))
-    pipe.load_lora_weights(ckpt / "trainable")
-    loaded = {plain_lora_name(n): p for n, p in pipe.transformer.named_parameters() if "lora_" in n}
-    assert len(loaded) == len(lora1) == len(saved)
-    assert all(torch.equal(loaded[plain_lora_name(n)].detach(), v) for n, v in lora1.items())
+    for folder, expected in (("trainable", ema), ("trainable_raw", {plain_lora_name(n): v for n, v in lora1.items()})):
+        pipe.load_lora_weights(ckpt / folder)
+        loaded = {plain_lora_name(n): p for n, p in pipe.transformer.named_parameters() if "lora_" in n}
+        assert len(loaded) == len(expected) == len(saved)
+        assert all(torch.equal(loaded[n].detach(), v) for n, v in expected.items()), folder
+        pipe.unload_lora_weights()
+    assert any(not torch.equal(ema[plain_lora_name(n)], v) for n, v in lora1.items())  # EMA lags the weights
 
     # resume through the real CLI: continues from the saved step and ends where an uninterrupted run ends
     assert main(["train", recipe, *_overrides(out, 3)]) == 0

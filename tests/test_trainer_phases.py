@@ -77,7 +77,9 @@ def test_checkpoint_state_reads_back_through_the_checkpoint_module(tmp_path: Pat
     state = first.train()
     assert latest_checkpoint(tmp_path) is not None
 
-    fresh = Trainer(load_run_config("sd3_tiny_flow_grpo", [*overrides, "train.resume=false"]), tensorboard=False)
+    # a new run in its own folder (train.resume=false refuses a folder that holds checkpoints)
+    fresh = Trainer(load_run_config("sd3_tiny_flow_grpo", [*overrides, f"output_dir={tmp_path / 'fresh'}",
+                                                           "train.resume=false"]), tensorboard=False)
     assert fresh.state.epoch == 0
     opened = open_checkpoint(tmp_path, fresh.train_prompts, fresh.sampler)
     assert opened is not None and opened.path == latest_checkpoint(tmp_path)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
 from safetensors.torch import load_file
-from weight_checks import WeightWatch, plain_lora_name
+from weight_checks import WeightWatch, ema_lora_tensors, plain_lora_name
 
 from alignkit.checkpoint import latest_checkpoint
 from alignkit.config import BackboneConfig, ConfigError, LoraConfig
@@ -227,15 +227,19 @@ def test_wan_tiny_tempflow_grpo_trains(tmp_path: Path) -> None:
     assert all(r["reward/frame_jpeg_compressibility_invalid"] == 0 for r in rows)
     assert (out / "samples" / "epoch_00000.png").is_file()  # one frame strip per video
 
-    # the checkpoint loads into the stock WanPipeline and reproduces the trained LoRA
+    # the checkpoint loads into the stock WanPipeline: trainable/ reproduces the EMA LoRA (the recipe trains
+    # with EMA), trainable_raw/ the trained one
     ckpt = latest_checkpoint(out)
     assert ckpt is not None
     saved = load_file(str(ckpt / "trainable" / LORA_WEIGHTS_NAME))
     stock = WanPipeline.from_pretrained(resolve_pretrained(cfg.backbone.pretrained))
-    stock.load_lora_weights(ckpt / "trainable")
-    loaded = {plain_lora_name(n): p for n, p in stock.transformer.named_parameters() if "lora_" in n}
-    assert len(loaded) == len(lora1) == len(saved)
-    assert all(torch.equal(loaded[plain_lora_name(n)].detach(), v) for n, v in lora1.items())
+    trained = {plain_lora_name(n): v for n, v in lora1.items()}
+    for folder, expected in (("trainable", ema_lora_tensors(trainer)), ("trainable_raw", trained)):
+        stock.load_lora_weights(ckpt / folder)
+        loaded = {plain_lora_name(n): p for n, p in stock.transformer.named_parameters() if "lora_" in n}
+        assert len(loaded) == len(expected) == len(saved)
+        assert all(torch.equal(loaded[n].detach(), v) for n, v in expected.items()), folder
+        stock.unload_lora_weights()
 
 
 def test_wan_is_a_registered_sampler() -> None:

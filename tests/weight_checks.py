@@ -13,6 +13,13 @@ def plain_lora_name(name: str) -> str:
     return re.sub(r"\.default(_\d+)?\.", ".", name)
 
 
+def ema_lora_tensors(trainer: Any) -> dict[str, torch.Tensor]:
+    """A trainer's EMA weights of its LoRA tensors by plain name (what a checkpoint's ``trainable/`` holds)."""
+    assert trainer.ema is not None, "the run trains without EMA"
+    named = [n for n, p in trainer.sampler.trainable_module().named_parameters() if p.requires_grad]
+    return {plain_lora_name(n): s for n, s in zip(named, trainer.ema.shadow, strict=True) if "lora_" in n}
+
+
 def lora_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copies of ``module``'s LoRA tensors by name."""
     return {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}
