@@ -281,10 +281,10 @@ def metrics_page() -> str:
     out = [GENERATED_NOTE, "# Logged metrics\n",
            "A run appends one JSON row per epoch to `<output_dir>/metrics.jsonl` and mirrors the finite scalars "
            "to TensorBoard (`<output_dir>/tensorboard/alignkit/`). With `eval.before_after` a row for epoch 0 "
-           "holds the held-out scores before training. `{name}` stands for a reward's name in the recipe (`reward.<name>` "
-           "and `eval.rewards.<name>`). Values are over all processes of a multi-process run. The catalogue is "
-           "`alignkit.metrics.METRICS`; a test trains a tiny model and checks that every logged key is listed "
-           "here and every entry is logged.\n"]
+           "holds the held-out scores before training. `{name}` stands for a reward's name in the recipe "
+           "(`reward.<name>` and `eval.rewards.<name>`). Values are over all processes of a multi-process run. "
+           "The catalogue is `alignkit.metrics.METRICS`; a test trains a tiny model and checks that every logged "
+           "key is listed here and every entry is logged.\n"]
     section = None
     for pattern, meaning in METRICS.items():
         prefix = pattern.split("/", 1)[0] if "/" in pattern else ""
