@@ -76,6 +76,8 @@ METRICS: dict[str, str] = {
     "train/minibatches": "Minibatches of the epoch that entered an optimizer step (skipped steps excluded).",
     "train/skipped_steps": "Optimizer steps of the epoch skipped for a NaN / inf loss or gradient.",
     "train/nonfinite_skipped": "Optimizer steps skipped for a NaN / inf loss or gradient in the whole run.",
+    "train/masked_skipped": "Epochs whose update was skipped because every sample was masked (no reward could score "
+                            "any sample, or every decode was non-finite), in the whole run.",
     "train/scale_overflows": "fp16 steps the loss scaler skipped (gradients overflowed, scale lowered) in "
         "the whole run; not counted as non-finite.",
     "train/lr": "Learning rate after the epoch's last optimizer step.",

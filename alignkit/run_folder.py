@@ -63,7 +63,11 @@ differently when changed."""
 
 
 def resumable(path: str) -> bool:
-    """Whether the setting at dotted ``path`` may change on resume without force (:data:`RESUMABLE`)."""
+    """Whether the setting at dotted ``path`` may change on resume without force (:data:`RESUMABLE`, and each
+    reward's ``timeout``: a stop limit, like ``train.max_nonfinite_steps``)."""
+    parts = path.split(".")
+    if len(parts) == 3 and parts[0] == "reward" and parts[2] == "timeout":
+        return True
     return any(path == p or path.startswith(p + ".") for p in RESUMABLE)
 
 

@@ -131,7 +131,14 @@ class Trainer:
         self.metrics: MetricsWriter | None = None
         self._lock: RunLock | None = None
         try:
-            # the folder is locked and checked against train.resume before anything loads
+            from accelerate.utils import set_seed
+
+            # alignkit draws from generators seeded per (seed, epoch, ...); the global RNGs (torch, CUDA, Python,
+            # NumPy) are seeded too, for code outside it, and saved in checkpoints
+            set_seed(cfg.seed)
+            # prompt files are read first: a refused file leaves no run folder behind
+            self.train_prompts, self.eval_prompts = load_prompts(cfg.prompts)
+            # the folder is locked and checked against train.resume before any model loads
             self._resume = self._claim_run_folder()
             self._build(sampler, reward_set)
         except BaseException:
@@ -156,13 +163,7 @@ class Trainer:
         return check
 
     def _build(self, sampler: Sampler | None, reward_set: RewardSet | None) -> None:
-        from accelerate.utils import set_seed
-
         cfg = self.cfg
-        # alignkit draws from generators seeded per (seed, epoch, ...); the global RNGs (torch, CUDA, Python,
-        # NumPy) are seeded too, for code outside it, and saved in checkpoints
-        set_seed(cfg.seed)
-        self.train_prompts, self.eval_prompts = load_prompts(cfg.prompts)
         # build_sampler is looked up here at call time (tests wrap alignkit.trainer.build_sampler)
         c = build_components(cfg, self.device, sampler=sampler, reward_set=reward_set, make_sampler=build_sampler)
         self.reward_set, self.eval_reward_set, self.sampler = c.reward_set, c.eval_reward_set, c.sampler

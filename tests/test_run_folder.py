@@ -66,6 +66,7 @@ def test_config_changes_list_every_field_with_old_and_new_values() -> None:
         "reward.jpeg_compressibility.kwargs.quality": "reward.jpeg_compressibility.kwargs.quality: 95 -> 50",
         "reward.extra.fn": 'reward.extra.fn: (absent) -> "jpeg_incompressibility"',
         "reward.extra.weight": "reward.extra.weight: (absent) -> 0.5",
+        "reward.extra.timeout": "reward.extra.timeout: (absent) -> null",
     }
     assert sorted(p for p in changes if not resumable(p)) == [
         "reward.extra.fn", "reward.extra.weight", "reward.jpeg_compressibility.kwargs.quality", "train.learning_rate"]
