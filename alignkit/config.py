@@ -109,7 +109,10 @@ class RewardTermConfig:
 class PlanConfig:
     """Exploration plan: which steps explore and where trajectories branch.
 
-    ``name``: ``all_stochastic`` (Flow-GRPO, DanceGRPO), ``deterministic`` (ODE only, evaluation).
+    ``name``: ``all_stochastic`` (Flow-GRPO, DanceGRPO), ``deterministic`` (ODE only, evaluation), ``window``
+    (Flow-GRPO-Fast, MixGRPO), ``branch`` (TempFlow-GRPO) or ``adaptive`` (TempFlow-GRPO branching with a fixed
+    budget of branch steps spread by the signal each step has shown); ``options`` are the plan's keyword
+    arguments (:mod:`alignkit.plans`).
     """
 
     name: str = "all_stochastic"
@@ -137,11 +140,17 @@ class CreditConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Clipped GRPO objective with a KL penalty to the reference model."""
+    """Clipped GRPO objective with a KL penalty to the reference model.
+
+    ``skip_tied``: leave transitions whose advantage is exactly 0 (groups whose rewards tie) out of training,
+    as the released Flow-GRPO / TempFlow-GRPO code filters them: they cost no forward, and the KL term is then
+    computed on the kept transitions only (:mod:`alignkit.update`).
+    """
 
     clip_range: float = 1e-4
     adv_clip: float = 5.0
     beta: float = 0.004
+    skip_tied: bool = False
 
     def validate(self, path: str, problems: list[str]) -> None:
         if not 0 < self.clip_range < 1:
@@ -210,7 +219,9 @@ class TrainConfig:
     are skipped (and counted) before the run stops. ``keep_checkpoints``: newest checkpoints kept.
     ``sharding``: ``ddp`` (each process holds the whole model; gradients all-reduced) or ``fsdp`` (parameters,
     gradients and optimizer state sharded over the processes, :mod:`alignkit.fsdp`; ``no`` or ``bf16``
-    mixed precision).
+    mixed precision). ``shared_inputs``: evaluate each distinct training input (the ``K`` children of one
+    branch point share state, step and conditioning) once, and cut minibatches on whole input groups
+    (:mod:`alignkit.update`); the gradient is that of evaluating every transition.
     """
 
     epochs: int = 100
@@ -234,6 +245,7 @@ class TrainConfig:
     resume: bool = True
     max_nonfinite_steps: int = 3
     overlap_rewards: bool = True  # score finished samples on a worker thread while the rollout goes on
+    shared_inputs: bool = True
 
     def validate(self, path: str, problems: list[str]) -> None:
         for key in ("epochs", "prompts_per_epoch", "rollout_batch_size", "train_batch_size",

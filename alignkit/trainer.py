@@ -26,6 +26,7 @@ from alignkit.checkpoint import (
     save_training_checkpoint,
 )
 from alignkit.config import ConfigError, RunConfig
+from alignkit.cost import FlopMeter
 from alignkit.credit import CreditAssigner
 from alignkit.distributed import Gathered, Shard, canonical_order, gather_rollout, on_every_process
 from alignkit.ema import EMA
@@ -132,6 +133,8 @@ class Trainer:
         self.plan: ExplorationPlan = c.plan
         self.credit: CreditAssigner = c.credit
         self.engine = c.engine
+        self.meter = FlopMeter()  # model FLOPs of rollout, decode and update (cost/* metrics)
+        self.engine.meter = self.meter
         # the checkpoint to resume from is read now: its trainable weights go in before sharding
         opened = open_checkpoint(self.out, self.train_prompts, self.sampler) if cfg.train.resume else None
         if self.fsdp:
@@ -153,7 +156,7 @@ class Trainer:
             opened, self._checkpoint_parts(), output_dir=self.out, is_main=self.is_main,
             barrier=self.accelerator.wait_for_everyone)
         self.updater = Updater(cfg, self.accelerator, self.sampler, module, params, self.optimizer,
-                               self.lr_scheduler, self.ema, self.shard, self.fsdp, self.out)
+                               self.lr_scheduler, self.ema, self.shard, self.fsdp, self.out, meter=self.meter)
         self._last_heldout: float | None = None  # latest held-out mean of the first reward, for the progress bar
         self.metrics = MetricsWriter(self.out, tensorboard=tensorboard) if self.is_main else None
         if self.shard.distributed:
@@ -169,7 +172,7 @@ class Trainer:
     def _checkpoint_parts(self) -> CheckpointParts:
         # the scaler is read now: accelerate may install it after the trainer is built
         return CheckpointParts(sampler=self.sampler, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
-                               scaler=self.accelerator.scaler, ema=self.ema, fsdp=self.fsdp)
+                               scaler=self.accelerator.scaler, ema=self.ema, fsdp=self.fsdp, plan=self.plan)
 
     def save(self) -> Path | None:
         """Write a checkpoint of everything the next epoch depends on (:func:`save_training_checkpoint`).
@@ -245,12 +248,13 @@ class Trainer:
                 bar.set_postfix(heldout=f"{self._last_heldout:.3f}")
         try:
             while self.state.epoch < cfg.train.epochs:
-                epoch = self.state.epoch
+                epoch, steps_before = self.state.epoch, self.state.global_step
                 t0 = time.perf_counter()
                 rolled = self.rollout(epoch)
                 t1 = time.perf_counter()
                 gathered = self.score(rolled)
                 scored = self.assign_credit(gathered)
+                self.plan.observe(rolled.schedule, gathered.keys, scored.groups, scored.credit)
                 t2 = time.perf_counter()
                 stats = self.optimize(rolled.rollout, gathered, scored.credit, epoch)
                 t3 = time.perf_counter()
@@ -258,6 +262,7 @@ class Trainer:
                 self.state.nfe_total += gathered.nfe
                 self.state.seconds_total += t3 - t0
                 metrics = self._epoch_metrics(gathered, scored, stats, (t0, t1, t2, t3))
+                metrics.update(self._cost_metrics(gathered, stats, self.state.global_step - steps_before))
                 last = self.state.epoch == cfg.train.epochs
                 if (cfg.eval.every and self.state.epoch % cfg.eval.every == 0) or (last and cfg.eval.before_after):
                     after = self.evaluate_heldout("eval_after" if last else f"eval_{self.state.epoch:05d}")
@@ -318,7 +323,23 @@ class Trainer:
         m["run/processes"] = float(self.shard.world_size)
         m["time/rollout_s"], m["time/reward_s"], m["time/train_s"] = t1 - t0, t2 - t1, t3 - t2
         m.update(stats)
+        m.update(self.plan.metrics())
         return m
+
+    def _cost_metrics(self, gathered: Gathered, stats: dict[str, float], steps: int) -> dict[str, float]:
+        """``cost/*`` of the epoch, all processes together, and their running totals
+        (:data:`alignkit.cost.COST_METRICS`); call it on every process (the FLOPs are summed)."""
+        flops = self.meter.take()
+        summed = self.shard.sum_(torch.tensor([flops[k] for k in ("rollout", "decode", "train")], dtype=torch.int64))
+        epoch = {"rollout_flops": float(summed[0]), "decode_flops": float(summed[1]), "train_flops": float(summed[2]),
+                 "flops": float(summed.sum()), "train_inputs": stats["train/inputs_evaluated"],
+                 "decodes": float(len(gathered.keys)),
+                 "reward_calls": float(len(gathered.keys) * len(self.reward_set.terms)),
+                 "optimizer_steps": float(steps)}
+        totals = self.state.cost_totals
+        for k, v in epoch.items():
+            totals[k] = totals.get(k, 0.0) + v
+        return {**{f"cost/{k}": v for k, v in epoch.items()}, **{f"cost/{k}_total": totals[k] for k in epoch}}
 
     def evaluate_heldout(self, name: str) -> dict[str, float]:
         """Deterministic sampling of the evaluation prompts over all processes (EMA weights when enabled;
