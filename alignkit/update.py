@@ -223,6 +223,11 @@ class Updater:
         counted in ``state`` (``train/skipped_steps``, ``train/nonfinite_skipped``); more than
         ``train.max_nonfinite_steps`` consecutive skipped steps stop the run (:class:`NonFiniteError`).
 
+        Counts of the epoch (all processes, inner epochs summed, skipped steps included):
+        ``train/transitions_trained`` (rows of the minibatches), ``train/distinct_inputs`` (distinct inputs
+        among them), ``train/inputs_evaluated`` (policy forwards: the distinct inputs with shared inputs, the
+        transitions without) and ``train/tied_skipped`` (transitions left out by ``skip_tied``, once per epoch).
+
         Args:
             rollout: this process's rollout (states of its own transitions).
             layout: the epoch's global structure (:func:`alignkit.distributed.gather_rollout`).

@@ -1,0 +1,91 @@
+"""The update step of the default recipe with and without shared-input training, side by side.
+
+One epoch of the default recipe (the shapes world, TempFlow-GRPO, K children per branch point) is rolled out and
+scored once; then the update over its transitions (``Updater.optimize``: whole-group minibatches, policy forward
+with grad, reference forward, backward, optimizer steps) runs with ``train.shared_inputs`` on and off,
+alternating, ``--reps`` times each. Reported: median wall and CPU (process) seconds per update, the model FLOPs
+and inputs each evaluated, with the machine's load average (the machine is shared: CPU seconds are the steadier
+number).
+
+    python bench/shared_inputs.py [--reps 5] [--out bench/results/shared_inputs.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from alignkit.compose import load_run_config
+from alignkit.trainer import Trainer
+
+logger = logging.getLogger("bench.shared_inputs")
+
+
+def provenance() -> dict[str, object]:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"commit": commit, "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "load_average": list(os.getloadavg()), "cpus": os.cpu_count()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--recipe", default="default")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/shared_inputs.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_run_config(args.recipe, [f"output_dir={tmp}", "train.resume=false", "eval.before_after=false"])
+        trainer = Trainer(cfg, tensorboard=False)
+        rolled = trainer.rollout(0)
+        gathered = trainer.score(rolled)
+        credit = trainer.assign_credit(gathered).credit
+        rows: dict[str, dict[str, list[float]]] = {m: {"wall_s": [], "cpu_s": []} for m in ("shared", "per_transition")}
+        stats: dict[str, dict[str, float]] = {}
+        load = [os.getloadavg()[0]]
+        for rep in range(args.reps + 1):  # repetition 0 warms up (and measures the FLOPs of each shape)
+            for mode in rows:
+                cfg.train.shared_inputs = mode == "shared"
+                trainer.meter.take()
+                w0, c0 = time.perf_counter(), time.process_time()
+                out = trainer.optimize(rolled.rollout, gathered, credit, 0)
+                wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+                flops = trainer.meter.take()["train"]
+                if rep:
+                    rows[mode]["wall_s"].append(wall)
+                    rows[mode]["cpu_s"].append(cpu)
+                stats[mode] = {"train_flops": float(flops), "inputs_evaluated": out["train/inputs_evaluated"],
+                               "transitions_trained": out["train/transitions_trained"],
+                               "minibatches": out["train/minibatches"]}
+            load.append(os.getloadavg()[0])
+    result: dict[str, object] = {"recipe": args.recipe, "reps": args.reps, "load_average_1min_during": load,
+                                 "provenance": provenance()}
+    for mode, times in rows.items():
+        result[mode] = {**stats[mode], "median_wall_s": statistics.median(times["wall_s"]),
+                        "median_cpu_s": statistics.median(times["cpu_s"]), **times}
+    s, p = result["shared"], result["per_transition"]
+    result["speedup_cpu"] = p["median_cpu_s"] / s["median_cpu_s"]  # type: ignore[index]
+    result["speedup_wall"] = p["median_wall_s"] / s["median_wall_s"]  # type: ignore[index]
+    result["flops_ratio"] = s["train_flops"] / p["train_flops"]  # type: ignore[index]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    logger.info("%s: update %.2f s CPU (%.2f wall) per-transition vs %.2f s CPU (%.2f wall) shared: %.2fx CPU; "
+                "FLOPs %.3g vs %.3g (%.2fx); inputs %d vs %d", args.recipe, p["median_cpu_s"], p["median_wall_s"],  # type: ignore[index]
+                s["median_cpu_s"], s["median_wall_s"], result["speedup_cpu"], p["train_flops"], s["train_flops"],  # type: ignore[index]
+                result["flops_ratio"], p["inputs_evaluated"], s["inputs_evaluated"])  # type: ignore[index]
+
+
+if __name__ == "__main__":
+    main()
