@@ -1,11 +1,11 @@
-"""The update step of the default recipe with and without shared-input training, side by side.
+"""Epochs of the default recipe with and without shared-input training, side by side.
 
-One epoch of the default recipe (the shapes world, TempFlow-GRPO, K children per branch point) is rolled out and
-scored once; then the update over its transitions (``Updater.optimize``: whole-group minibatches, policy forward
-with grad, reference forward, backward, optimizer steps) runs with ``train.shared_inputs`` on and off,
-alternating, ``--reps`` times each. Reported: median wall and CPU (process) seconds per update, the model FLOPs
-and inputs each evaluated, with the machine's load average (the machine is shared: CPU seconds are the steadier
-number).
+Epochs of the default recipe (the shapes world, TempFlow-GRPO, K children per branch point: rollout, rewards,
+credit, update) run with ``train.shared_inputs`` on and off, alternating, ``--reps`` times each (epoch ``r`` of
+both modes draws the same prompts and noises). Reported: median wall and CPU (process) seconds per epoch and per
+update (``Updater.optimize``: whole-group minibatches, policy forward with grad, reference forward, backward,
+optimizer steps), the model FLOPs and inputs each update evaluated, with the machine's load average (the machine
+is shared: CPU seconds are the steadier number).
 
     python bench/shared_inputs.py [--reps 5] [--out bench/results/shared_inputs.json]
 """
@@ -49,23 +49,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_run_config(args.recipe, [f"output_dir={tmp}", "train.resume=false", "eval.before_after=false"])
         trainer = Trainer(cfg, tensorboard=False)
-        rolled = trainer.rollout(0)
-        gathered = trainer.score(rolled)
-        credit = trainer.assign_credit(gathered).credit
-        rows: dict[str, dict[str, list[float]]] = {m: {"wall_s": [], "cpu_s": []} for m in ("shared", "per_transition")}
+        rows: dict[str, dict[str, list[float]]] = {
+            m: {"wall_s": [], "cpu_s": [], "epoch_wall_s": [], "epoch_cpu_s": []} for m in ("shared", "per_transition")}
         stats: dict[str, dict[str, float]] = {}
         load = [os.getloadavg()[0]]
         for rep in range(args.reps + 1):  # repetition 0 warms up (and measures the FLOPs of each shape)
             for mode in rows:
                 cfg.train.shared_inputs = mode == "shared"
                 trainer.meter.take()
+                e0, d0 = time.perf_counter(), time.process_time()
+                rolled = trainer.rollout(rep)
+                gathered = trainer.score(rolled)
+                credit = trainer.assign_credit(gathered).credit
                 w0, c0 = time.perf_counter(), time.process_time()
-                out = trainer.optimize(rolled.rollout, gathered, credit, 0)
-                wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+                out = trainer.optimize(rolled.rollout, gathered, credit, rep)
+                end_wall, end_cpu = time.perf_counter(), time.process_time()
                 flops = trainer.meter.take()["train"]
                 if rep:
-                    rows[mode]["wall_s"].append(wall)
-                    rows[mode]["cpu_s"].append(cpu)
+                    for key, value in (("wall_s", end_wall - w0), ("cpu_s", end_cpu - c0),
+                                       ("epoch_wall_s", end_wall - e0), ("epoch_cpu_s", end_cpu - d0)):
+                        rows[mode][key].append(value)
                 stats[mode] = {"train_flops": float(flops), "inputs_evaluated": out["train/inputs_evaluated"],
                                "transitions_trained": out["train/transitions_trained"],
                                "minibatches": out["train/minibatches"]}
@@ -73,17 +76,19 @@ def main() -> None:
     result: dict[str, object] = {"recipe": args.recipe, "reps": args.reps, "load_average_1min_during": load,
                                  "provenance": provenance()}
     for mode, times in rows.items():
-        result[mode] = {**stats[mode], "median_wall_s": statistics.median(times["wall_s"]),
-                        "median_cpu_s": statistics.median(times["cpu_s"]), **times}
+        result[mode] = {**stats[mode], **{f"median_{k}": statistics.median(v) for k, v in times.items()}, **times}
     s, p = result["shared"], result["per_transition"]
     result["speedup_cpu"] = p["median_cpu_s"] / s["median_cpu_s"]  # type: ignore[index]
     result["speedup_wall"] = p["median_wall_s"] / s["median_wall_s"]  # type: ignore[index]
     result["flops_ratio"] = s["train_flops"] / p["train_flops"]  # type: ignore[index]
+    result["epoch_speedup_cpu"] = p["median_epoch_cpu_s"] / s["median_epoch_cpu_s"]  # type: ignore[index]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     logger.info("%s: update %.2f s CPU (%.2f wall) per-transition vs %.2f s CPU (%.2f wall) shared: %.2fx CPU; "
-                "FLOPs %.3g vs %.3g (%.2fx); inputs %d vs %d", args.recipe, p["median_cpu_s"], p["median_wall_s"],  # type: ignore[index]
-                s["median_cpu_s"], s["median_wall_s"], result["speedup_cpu"], p["train_flops"], s["train_flops"],  # type: ignore[index]
+                "epoch %.2f vs %.2f s CPU (%.2f vs %.2f wall); FLOPs %.3g vs %.3g (%.2fx); inputs %d vs %d",
+                args.recipe, p["median_cpu_s"], p["median_wall_s"], s["median_cpu_s"], s["median_wall_s"],  # type: ignore[index]
+                result["speedup_cpu"], p["median_epoch_cpu_s"], s["median_epoch_cpu_s"],  # type: ignore[index]
+                p["median_epoch_wall_s"], s["median_epoch_wall_s"], p["train_flops"], s["train_flops"],  # type: ignore[index]
                 result["flops_ratio"], p["inputs_evaluated"], s["inputs_evaluated"])  # type: ignore[index]
 
 
