@@ -12,7 +12,7 @@ A plan returns a :class:`PlanSchedule` per iteration, of one of two shapes:
 The last step (sigma -> 0) never explores: its likelihood is degenerate.
 
 A plan may learn from the rollouts it planned: after credit assignment the trainer calls
-:meth:`ExplorationPlan.observe` with the epoch's schedule, keys, groups and credit (the same on every
+:meth:`ExplorationPlan.observe` with the epoch's schedule, keys, credit and groups (the same on every
 process); such a plan's state is saved in checkpoints (:meth:`~ExplorationPlan.state_dict`) and restored on
 resume. :class:`Adaptive` is one.
 """
@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from alignkit.credit import group_ids
 from alignkit.registry import EXPLORATION_PLANS
 from alignkit.types import Credit, SampleKeys
 
@@ -86,9 +87,11 @@ class ExplorationPlan(ABC):
         """Scored samples per initial noise (constant across iterations)."""
         return self.schedule(num_steps, 0, torch.Generator().manual_seed(0)).samples_per_seed()
 
-    def observe(self, schedule: PlanSchedule, keys: SampleKeys, groups: torch.Tensor, credit: Credit) -> None:
-        """Feedback after credit assignment of an iteration planned by ``schedule``: ``keys`` and ``groups``
-        (``[S]`` group ids) of all its samples, their ``credit``. Default: nothing to learn."""
+    def observe(self, schedule: PlanSchedule, keys: SampleKeys, credit: Credit,
+                groups: torch.Tensor | None = None) -> None:
+        """Feedback after credit assignment of an iteration planned by ``schedule``: the ``keys`` of all its
+        samples, their ``credit`` and ``groups`` (``[S]`` the credit assigner's group ids; None: each branch
+        point's children, :func:`alignkit.credit.group_ids` by ``seed``). Default: nothing to learn."""
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -242,13 +245,15 @@ class Branch(ExplorationPlan):
 SIGNALS = ("nontied", "advantage_var")
 
 
-def step_signal(signal: str, keys: SampleKeys, groups: torch.Tensor, credit: Credit) -> dict[int, float]:
+def step_signal(signal: str, keys: SampleKeys, credit: Credit, groups: torch.Tensor | None = None) -> dict[int, float]:
     """Per branch step of ``keys``, the learning signal its groups showed.
 
     ``nontied``: the fraction of groups (with a valid reward) whose advantages are not all exactly 0, i.e. whose
     rewards did not tie. ``advantage_var``: the mean squared advantage of the step's valid samples (their
-    variance: group advantages have mean 0).
+    variance: group advantages have mean 0). ``groups``: ``[S]`` group ids (None: by prompt, seed and branch step).
     """
+    if groups is None:
+        groups = group_ids(keys, "seed")
     adv = credit.sample_advantage.double()  # [S], NaN where masked
     valid = ~torch.isnan(adv)
     out: dict[int, float] = {}
@@ -380,12 +385,13 @@ class Adaptive(ExplorationPlan):
     def samples_per_seed(self, num_steps: int) -> int:
         return self.budget * self.children
 
-    def observe(self, schedule: PlanSchedule, keys: SampleKeys, groups: torch.Tensor, credit: Credit) -> None:
+    def observe(self, schedule: PlanSchedule, keys: SampleKeys, credit: Credit,
+                groups: torch.Tensor | None = None) -> None:
         """Move the estimate of every step that branched towards the signal it showed."""
         if schedule.branch_steps is None or self._num_steps is None:
             raise ValueError("the adaptive plan observes the branching rollouts it scheduled: call schedule() first")
         e = list(self._estimates(self._num_steps))
-        for k, value in step_signal(self.signal, keys, groups, credit).items():
+        for k, value in step_signal(self.signal, keys, credit, groups).items():
             e[k] = self.decay * e[k] + (1 - self.decay) * value
         self.estimate = e
 

@@ -254,7 +254,7 @@ class Trainer:
                 t1 = time.perf_counter()
                 gathered = self.score(rolled)
                 scored = self.assign_credit(gathered)
-                self.plan.observe(rolled.schedule, gathered.keys, scored.groups, scored.credit)
+                self.plan.observe(rolled.schedule, gathered.keys, scored.credit, scored.groups)
                 t2 = time.perf_counter()
                 stats = self.optimize(rolled.rollout, gathered, scored.credit, epoch)
                 t3 = time.perf_counter()

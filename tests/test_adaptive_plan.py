@@ -92,14 +92,16 @@ def _observation() -> tuple[SampleKeys, torch.Tensor, Credit]:
 
 def test_observe_moves_the_estimate_of_the_steps_that_branched() -> None:
     keys, groups, credit = _observation()
-    assert step_signal("nontied", keys, groups, credit) == {0: 0.5, 3: 0.0, 5: 1.0}
-    var = step_signal("advantage_var", keys, groups, credit)
+    assert step_signal("nontied", keys, credit, groups) == {0: 0.5, 3: 0.0, 5: 1.0}
+    # without the assigner's groups, the children of one branch point (prompt, seed, step) form a group
+    assert step_signal("nontied", keys, credit) == {0: 1.0, 3: 0.0, 5: 1.0}
+    var = step_signal("advantage_var", keys, credit, groups)
     assert var == pytest.approx({0: 0.5, 3: 0.0, 5: 0.25})
     plan = Adaptive(budget=3, decay=0.75)
     schedule = plan.schedule(N, 0, _gen(0))
-    plan.observe(schedule, keys, groups, credit)
+    plan.observe(schedule, keys, credit, groups)
     assert plan.estimate == pytest.approx([0.875, 1.0, 1.0, 0.75, 1.0, 1.0, 1.0])  # 0.75 e + 0.25 x, e = 1 before
-    plan.observe(schedule, keys, groups, credit)
+    plan.observe(schedule, keys, credit, groups)
     assert plan.estimate[3] == pytest.approx(0.5625) and plan.estimate[5] == 1.0
     assert plan.metrics()["plan/signal_step3"] == pytest.approx(0.5625)
     # the tied step is now drawn less often than the one with spread
@@ -110,7 +112,7 @@ def test_observe_moves_the_estimate_of_the_steps_that_branched() -> None:
 def test_state_round_trips_through_json_and_gives_the_same_schedules() -> None:
     keys, groups, credit = _observation()
     plan = Adaptive(budget=2, decay=0.3)
-    plan.observe(plan.schedule(N, 0, _gen(0)), keys, groups, credit)
+    plan.observe(plan.schedule(N, 0, _gen(0)), keys, credit, groups)
     saved = json.loads(json.dumps(plan.state_dict()))
     fresh = Adaptive(budget=2, decay=0.3)
     fresh.load_state_dict(saved)
