@@ -207,11 +207,10 @@ class RolloutEngine:
                     if state is None:
                         state = torch.empty((len(t_idx), *drawn.shape[1:]), dtype=drawn.dtype, device=drawn.device)
                     state[children.to(drawn.device)] = drawn
-                    point = _branch_point_ids(x, rows * len(branch) + position[i], prompt_index[rows])  # [R]
                     parts.append(Transitions(
                         state=x[local.to(x.device)], next_state=drawn, step=torch.full((len(children),), i),
                         log_prob=sub.log_prob(drawn).float().cpu(), scale=sub.scale.float().cpu(),
-                        sample_index=children, input_id=point[local],
+                        sample_index=children, input_id=children // k_children,  # one input per branch point
                     ))
                 if i < last:
                     x = dist.mode()
@@ -314,21 +313,6 @@ class _Decoded:
             return torch.cat([out for _, out in self._chunks])[order]
         items = [item for _, out in self._chunks for item in out]
         return [items[int(i)] for i in order]
-
-
-def _branch_point_ids(x: torch.Tensor, ids: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
-    """``[R]`` input ids of the branch points of trunk states ``x`` ``[R, ...]`` at one step: ``ids`` ``[R]`` (one
-    per trunk and branch step), except that a trunk whose state equals an earlier one of the same prompt takes
-    that one's id (the masked models' trunks of one prompt are identical: their children share one input)."""
-    out = ids.clone()
-    roots: dict[int, list[int]] = {}  # prompt -> rows whose state is the first of its kind
-    for r, p in enumerate(prompt_index.tolist()):
-        same = next((q for q in roots.get(p, ()) if torch.equal(x[q], x[r])), None)
-        if same is None:
-            roots.setdefault(p, []).append(r)
-        else:
-            out[r] = ids[same]
-    return out
 
 
 def _empty_transitions(like: torch.Tensor) -> Transitions:

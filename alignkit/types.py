@@ -59,9 +59,8 @@ class Transitions:
             noise-aware weighting uses it.
         sample_index: ``[M]`` long, the sample (row of the reward table) the action belongs to.
         input_id: ``[M]`` long, equal for transitions that share their input (state, step and conditioning):
-            the ``K`` children of one branch point (and identical trunks of one prompt, such as the masked
-            models' all-mask start); unique otherwise (every Flow-GRPO transition has its own). The update
-            evaluates each distinct input once (:mod:`alignkit.update`). Default (None): all unique.
+            the ``K`` children of one branch point; unique otherwise (every Flow-GRPO transition has its own).
+            The update evaluates each input once (:mod:`alignkit.update`). Default (None): all unique.
     """
 
     state: torch.Tensor
