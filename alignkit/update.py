@@ -162,7 +162,7 @@ class Updater:
         rows = self.training_rows(transitions, credit, epoch, inner)
         size = self.cfg.train.train_batch_size
         if not self.shared:
-            return list(torch.split(rows, size))
+            return [b for b in torch.split(rows, size) if len(b)]  # none when every row is masked
         _, group = distinct_inputs(transitions.input_id[rows])  # contiguous groups: 0, 0, 1, 2, 2, ...
         bounds = [*torch.nonzero(torch.diff(group, prepend=group.new_tensor([-1]))).flatten().tolist(), len(rows)]
         out: list[torch.Tensor] = []

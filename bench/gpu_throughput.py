@@ -13,9 +13,9 @@ Measured through :class:`alignkit.trainer.Trainer` (the real rollout engine, rew
 * training transitions/s: transitions per second of ``Trainer.optimize`` (policy forward with grad,
   reference forward for the KL, backward, optimizer step);
 * peak memory: ``torch.cuda.max_memory_allocated`` (CPU: the process's peak RSS);
-* model FLOPs utilisation: the epoch's model FLOPs as the trainer counts them (:mod:`alignkit.cost`: rollout
-  and decode, and the update, which evaluates each distinct input once), over time x the device's peak dense
-  bf16 FLOP/s (``--peak-tflops``; known NVIDIA parts are recognised by name; none on CPU).
+* model FLOPs utilisation: FLOPs counted by ``torch.utils.flop_counter`` on one model evaluation and on
+  one training minibatch, scaled by the NFE / transitions done, over time x the device's peak dense bf16
+  FLOP/s (``--peak-tflops``; known NVIDIA parts are recognised by name; none on CPU).
 
     python bench/gpu_throughput.py                  # GPU, SD3.5-Medium shape
     python bench/gpu_throughput.py --tiny           # CPU, tiny random SD3 (checks the script end to end)
@@ -37,6 +37,7 @@ import torch
 from alignkit.compose import load_run_config
 from alignkit.reward_set import RewardSet, RewardTerm
 from alignkit.trainer import Trainer
+from alignkit.types import index_batch
 
 logger = logging.getLogger("bench.gpu_throughput")
 
@@ -95,6 +96,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
 def _peak_tflops(device: torch.device, given: float | None) -> float | None:
     if given is not None:
         return given
@@ -145,34 +155,51 @@ def measure(algo: str, *, tiny: bool, prompts: int, out: Path, peak_tflops: floa
         stats = trainer.optimize(rollout, gathered, credit, e)
         _sync(device)
         t3 = time.perf_counter()
-        flops = trainer.meter.take()  # this epoch's model FLOPs by phase
+        trained = int(credit.mask.sum()) * cfg.train.inner_epochs
         return {"rollout_s": t1 - t0, "reward_s": t2 - t1, "train_s": t3 - t2, "samples": len(rollout.keys),
-                "nfe": rollout.nfe, "transitions": stats["train/transitions_trained"],
-                "inputs": stats["train/inputs_evaluated"], "minibatches": stats["train/minibatches"],
-                "rollout_flops": flops["rollout"] + flops["decode"], "model_eval_flops": flops["rollout"] / rollout.nfe,
-                "train_flops": flops["train"]}
+                "nfe": rollout.nfe, "transitions": trained, "minibatches": stats["train/minibatches"],
+                "rollout": rollout, "credit": credit}
 
     epoch(0)  # warm-up: kernels, allocator, autotuning
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     r = epoch(1)
+    rollout, credit = r.pop("rollout"), r.pop("credit")
     peak_mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    rollout_flops, total_train_flops = r["rollout_flops"], r["train_flops"]
+
+    # FLOPs of one model evaluation per row (CFG included) and of one training minibatch per transition
+    b = min(cfg.train.rollout_batch_size, len(rollout.transitions))
+    tr = rollout.transitions.select(torch.arange(b))
+    cond = index_batch(rollout.cond, rollout.keys.prompt_index[tr.sample_index])
+    with torch.no_grad():
+        eval_flops = _flops(lambda: sampler.transition(tr.state, tr.step.to(device), cond, stochastic=True)) / b
+    tb = min(cfg.train.train_batch_size, len(rollout.transitions))
+    rows = torch.arange(tb)
+    sampler.train(True)
+
+    def train_step() -> None:
+        trainer.updater.minibatch_loss(rollout, credit, rows).loss.backward()
+
+    train_flops = _flops(train_step) / tb
+    trainer.optimizer.zero_grad(set_to_none=True)
+    sampler.train(False)
+    decode_flops = _flops(lambda: sampler.decode(rollout.final_state[:1]))
+    rollout_flops = eval_flops * r["nfe"] + decode_flops * r["samples"]
+    total_train_flops = train_flops * r["transitions"]
     peak = _peak_tflops(device, peak_tflops)
     result = {
         "recipe": recipe, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "transformer_params": n_params,
         "resolution": cfg.backbone.height, "num_steps": cfg.backbone.num_steps, "dtype": cfg.backbone.dtype,
         "mixed_precision": cfg.train.mixed_precision, "prompts": prompts, "samples": r["samples"],
-        "nfe": r["nfe"], "trained_transitions": r["transitions"], "training_inputs_evaluated": r["inputs"],
+        "nfe": r["nfe"], "trained_transitions": r["transitions"],
         "rollout_s": r["rollout_s"], "reward_s": r["reward_s"], "train_s": r["train_s"],
         "rollout_images_per_s": r["samples"] / r["rollout_s"],
         "rollout_model_evals_per_s": r["nfe"] / r["rollout_s"],
         "train_transitions_per_s": r["transitions"] / r["train_s"],
         "peak_memory_gib": peak_mem / 2**30,
-        "gflops_per_model_eval": r["model_eval_flops"] / 1e9,
-        "gflops_per_trained_transition": total_train_flops / r["transitions"] / 1e9,
+        "gflops_per_model_eval": eval_flops / 1e9, "gflops_per_trained_transition": train_flops / 1e9,
         "rollout_tflops_per_s": rollout_flops / r["rollout_s"] / 1e12,
         "train_tflops_per_s": total_train_flops / r["train_s"] / 1e12,
         "peak_tflops": peak,
