@@ -28,19 +28,25 @@ once per prompt, is not counted); ``decode``: final states to samples (the VAE d
 
 COUNTS = ("train_inputs", "decodes", "reward_calls", "optimizer_steps")
 
-COST_METRICS: dict[str, str] = {
-    "cost/rollout_flops": "model FLOPs of the epoch's rollout (denoiser transitions; text encoding excluded)",
-    "cost/decode_flops": "model FLOPs of decoding the epoch's samples",
-    "cost/train_flops": "model FLOPs of the update: policy forward with grad, reference forward (beta > 0), backward",
-    "cost/flops": "rollout + decode + train FLOPs of the epoch",
-    "cost/train_inputs": "distinct (state, step, conditioning) inputs the update evaluated (inner epochs summed; "
-                         "equals the trained transitions with train.shared_inputs=false)",
-    "cost/decodes": "samples decoded",
-    "cost/reward_calls": "reward evaluations: samples scored x training rewards",
-    "cost/optimizer_steps": "optimizer steps taken",
-    "cost/<name>_total": "the sum of cost/<name> over all epochs so far (kept across resume)",
+_EPOCH_COSTS: dict[str, str] = {
+    "cost/rollout_flops": "Model FLOPs of the epoch's rollout (the denoiser's transitions; text encoding not counted), "
+        "all processes.",
+    "cost/decode_flops": "Model FLOPs of decoding the epoch's samples, all processes.",
+    "cost/train_flops": "Model FLOPs of the epoch's update (policy forward with grad, reference forward when beta > 0, "
+        "backward), all processes.",
+    "cost/flops": "Rollout + decode + update model FLOPs of the epoch.",
+    "cost/train_inputs": "Inputs the epoch's update evaluated (distinct inputs with train.shared_inputs, else "
+        "transitions; inner epochs summed).",
+    "cost/decodes": "Samples decoded in the epoch.",
+    "cost/reward_calls": "Reward evaluations of the epoch: samples scored x training rewards.",
+    "cost/optimizer_steps": "Optimizer steps taken in the epoch.",
 }
-"""The ``cost/*`` metrics and what they count (rollout NFE is ``rollout/nfe``)."""
+COST_METRICS: dict[str, str] = {
+    **_EPOCH_COSTS,
+    **{f"{k}_total": f"Sum of {k} over the run's epochs so far (kept across resume)." for k in _EPOCH_COSTS},
+}
+"""The ``cost/*`` keys of ``metrics.jsonl`` and their meaning, in the form of :data:`alignkit.metrics.METRICS`
+(rollout NFE is ``rollout/nfe``)."""
 
 
 def count_flops(fn: Callable[[], T]) -> tuple[T, int]:

@@ -244,6 +244,12 @@ class Branch(ExplorationPlan):
 
 SIGNALS = ("nontied", "advantage_var")
 
+PLAN_METRICS: dict[str, str] = {
+    "plan/signal_step{name}": "Adaptive branch plan: the running estimate of the signal branch step `{name}` has "
+        "shown (the step index), which sets how often it branches.",
+}
+"""The ``plan/*`` keys of ``metrics.jsonl`` (adaptive plan only), in the form of :data:`alignkit.metrics.METRICS`."""
+
 
 def step_signal(signal: str, keys: SampleKeys, credit: Credit, groups: torch.Tensor | None = None) -> dict[int, float]:
     """Per branch step of ``keys``, the learning signal its groups showed.

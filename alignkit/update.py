@@ -55,6 +55,15 @@ TAG_SUBSAMPLE, TAG_SHUFFLE = 103, 104
 
 STATS = ("loss", "policy_loss", "kl", "ratio_mean", "clip_fraction", "approx_kl")
 
+TRAIN_METRICS: dict[str, str] = {
+    "train/transitions_trained": "Transitions in the epoch's minibatches (inner epochs summed, all processes).",
+    "train/distinct_inputs": "Distinct inputs (state, step, conditioning) among them: one per branch point.",
+    "train/inputs_evaluated": "Policy forwards of the epoch's update: the distinct inputs with train.shared_inputs, "
+        "the transitions without.",
+    "train/tied_skipped": "Transitions of advantage exactly 0 left out by algo.objective.skip_tied (0 when off).",
+}
+"""The ``train/*`` keys the shared-input update adds, in the form of :data:`alignkit.metrics.METRICS`."""
+
 
 def distinct_inputs(input_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Groups of equal ids, numbered in order of first appearance.

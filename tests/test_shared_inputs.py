@@ -24,7 +24,7 @@ from alignkit.modalities.discrete.tiny import build_char_tokenizer, build_tiny_m
 from alignkit.reward_set import RewardSet, RewardTerm
 from alignkit.trainer import Trainer
 from alignkit.types import Credit, Transitions
-from alignkit.update import Updater, distinct_inputs
+from alignkit.update import TRAIN_METRICS, Updater, distinct_inputs
 
 # --- minibatches without a model ------------------------------------------------------------------------------
 
@@ -267,6 +267,7 @@ def test_optimizer_steps_with_accumulation_match_the_per_transition_path(tmp_pat
         for a, b in zip(step_a, step_b, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
     kept = int(credit.mask.sum())
+    assert set(TRAIN_METRICS) <= set(stats_shared)  # each new count documented
     assert stats_shared["train/transitions_trained"] == stats_single["train/transitions_trained"] == 2 * kept
     assert stats_shared["train/distinct_inputs"] == stats_single["train/distinct_inputs"]
     assert stats_shared["train/inputs_evaluated"] == stats_shared["train/distinct_inputs"] < 2 * kept
