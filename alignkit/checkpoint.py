@@ -54,6 +54,7 @@ from alignkit.errors import CheckpointError, RunFolderError
 from alignkit.fsdp import gather_full, shard_optimizer_state, trainable_state
 from alignkit.interfaces import Sampler
 from alignkit.metrics import METRICS_FILE, MetricsFile, load_metrics
+from alignkit.plans import ExplorationPlan
 from alignkit.prompts import PromptSet
 
 logger = logging.getLogger(__name__)
@@ -345,6 +346,7 @@ class TrainState:
         consecutive_masked: such epochs since the last one that trained (``train.max_masked_epochs`` bounds it).
         nfe_total: model evaluations of all processes so far.
         seconds_total: training wall time so far (rollout to update; evaluation excluded).
+        cost_totals: running totals of the ``cost/*`` metrics (:data:`alignkit.cost.COST_METRICS`).
         history: this process's per-epoch metrics.
     """
 
@@ -357,6 +359,7 @@ class TrainState:
     consecutive_masked: int = 0
     nfe_total: int = 0
     seconds_total: float = 0.0
+    cost_totals: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -371,6 +374,7 @@ class CheckpointParts:
         scaler: the fp16 loss scaler, or None.
         ema: the EMA of the trainable weights, or None.
         fsdp: whether the trainable module and optimizer state are sharded over the processes.
+        plan: the exploration plan, whose learned state (:meth:`ExplorationPlan.state_dict`) is saved; or None.
     """
 
     sampler: Sampler
@@ -379,6 +383,7 @@ class CheckpointParts:
     scaler: Any | None
     ema: EMA | None
     fsdp: bool
+    plan: ExplorationPlan | None = None
 
 
 @dataclass
@@ -466,7 +471,8 @@ def _write_training_checkpoint(output_dir: Path, state: TrainState, parts: Check
         "seconds_total": s.seconds_total, "optimizer": opt_meta, "lr_scheduler": parts.lr_scheduler.state_dict(),
         "prompts": {"fingerprint": prompt_fingerprint(prompts), "count": len(prompts),
                     "drawn": s.epoch * cfg.train.prompts_per_epoch},
-        "world_size": shard.world_size, "config": to_dict(cfg),
+        "world_size": shard.world_size, "config": to_dict(cfg), "cost_totals": s.cost_totals,
+        "plan": parts.plan.state_dict() if parts.plan is not None else {},
     }
     return save_checkpoint(output_dir, s.global_step, write_trainable=write_trainable, write_raw=write_raw,
                            tensors=tensors, meta=meta, keep=cfg.train.keep_checkpoints)
@@ -577,7 +583,10 @@ def restore_checkpoint(opened: OpenedCheckpoint, parts: CheckpointParts, *, outp
         scale_overflows=meta.get("scale_overflows", 0), consecutive_nonfinite=meta.get("consecutive_nonfinite", 0),
         masked_skipped=meta.get("masked_skipped", 0), consecutive_masked=meta.get("consecutive_masked", 0),
         nfe_total=meta.get("nfe_total", 0), seconds_total=meta.get("seconds_total", 0.0),
+        cost_totals=dict(meta.get("cost_totals", {})),
     )
+    if parts.plan is not None:
+        parts.plan.load_state_dict(meta.get("plan", {}))
     state.history = truncate_metrics(output_dir, state.epoch, is_main=is_main, barrier=barrier)
     logger.info("resumed from %s (epoch %d, step %d)", opened.path, state.epoch, state.global_step)
     return state

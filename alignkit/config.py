@@ -171,7 +171,10 @@ class RewardTermConfig:
 class PlanConfig:
     """Exploration plan: which steps explore and where trajectories branch.
 
-    ``name``: ``all_stochastic`` (Flow-GRPO, DanceGRPO), ``deterministic`` (ODE only, evaluation).
+    ``name``: ``all_stochastic`` (Flow-GRPO, DanceGRPO), ``deterministic`` (ODE only, evaluation), ``window``
+    (Flow-GRPO-Fast, MixGRPO), ``branch`` (TempFlow-GRPO) or ``adaptive`` (TempFlow-GRPO branching with a fixed
+    budget of branch steps spread by the signal each step has shown); ``options`` are the plan's keyword
+    arguments (:mod:`alignkit.plans`).
     """
 
     name: str = field(default="all_stochastic", metadata={
@@ -204,13 +207,21 @@ class CreditConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Clipped GRPO objective with a KL penalty to the reference model."""
+    """Clipped GRPO objective with a KL penalty to the reference model.
+
+    ``skip_tied``: leave transitions whose advantage is exactly 0 (groups whose rewards tie) out of training,
+    as the released Flow-GRPO / TempFlow-GRPO code filters them: they cost no forward, and the KL term is then
+    computed on the kept transitions only (:mod:`alignkit.update`).
+    """
 
     clip_range: float = field(default=1e-4, metadata={
         "help": "PPO clip range epsilon of the ratio, in (0, 1) (1e-4 for images)."})
     adv_clip: float = field(default=5.0, metadata={"help": "Advantages are clamped to [-adv_clip, adv_clip]."})
     beta: float = field(default=0.004, metadata={
         "help": "Coefficient of the KL penalty to the reference (adapter-disabled) model; 0 disables it."})
+    skip_tied: bool = field(default=False, metadata={
+        "help": "Leave transitions whose advantage is exactly 0 (tied groups) out of training: no policy forward, "
+                "no gradient; the KL term is then computed on the kept transitions only."})
 
     def validate(self, path: str, problems: list[str]) -> None:
         if not 0 < self.clip_range < 1:
@@ -314,7 +325,9 @@ class TrainConfig:
     the one named); ``metrics.jsonl`` is always written.
     ``sharding``: ``ddp`` (each process holds the whole model; gradients all-reduced) or ``fsdp`` (parameters,
     gradients and optimizer state sharded over the processes, :mod:`alignkit.fsdp`; ``no`` or ``bf16``
-    mixed precision).
+    mixed precision). ``shared_inputs``: evaluate each distinct training input (the ``K`` children of one
+    branch point share state, step and conditioning) once, and cut minibatches on whole input groups
+    (:mod:`alignkit.update`); the gradient is that of evaluating every transition.
     """
 
     epochs: int = field(default=100, metadata={"help": "Epochs (rollout, reward, credit, updates) to train."})
@@ -356,6 +369,9 @@ class TrainConfig:
         "help": "Experiment trackers through accelerate (tensorboard, wandb, ...); metrics.jsonl is always written."})
     overlap_rewards: bool = field(default=True, metadata={
         "help": "Score finished samples on a worker thread while the rollout goes on."})
+    shared_inputs: bool = field(default=True, metadata={
+        "help": "Evaluate each distinct training input (branch children share theirs) once per minibatch; "
+                "minibatches hold whole input groups. The same gradient as per transition, fewer forwards."})
 
     def validate(self, path: str, problems: list[str]) -> None:
         for key in ("epochs", "prompts_per_epoch", "rollout_batch_size", "train_batch_size",

@@ -2,7 +2,7 @@
 
 Every process rolls out a contiguous block of the epoch's prompts and scores its own samples. Before
 advantages are computed, the reward table, the sample keys and the stored transitions' bookkeeping (step,
-log-prob, scale, sample) are gathered in rank order, so a group may span processes and every process
+log-prob, scale, sample, input id) are gathered in rank order, so a group may span processes and every process
 computes the same global credit. Gathered sample and transition orders equal those of a single-process run
 of the same epoch: shards are contiguous in prompt order, and transitions are put in (sample, step) order
 on every process (:func:`canonical_order`).
@@ -114,7 +114,7 @@ def header(transitions: Transitions) -> Transitions:
     empty = torch.empty((m, 0))
     return Transitions(state=empty, next_state=empty.clone(), step=transitions.step.cpu(),
                        log_prob=transitions.log_prob.cpu(), scale=transitions.scale.cpu(),
-                       sample_index=transitions.sample_index.cpu())
+                       sample_index=transitions.sample_index.cpu(), input_id=transitions.input_id.cpu())
 
 
 @dataclass
@@ -169,7 +169,7 @@ def gather_rollout(shard: Shard, table: RewardTable, keys: SampleKeys, transitio
                         local_transitions=len(transitions), nfe=nfe)
     parts = shard.gather({"raw": table.raw, "invalid": table.invalid, "keys": keys, "tr": header(transitions),
                           "nfe": nfe, "prompts": num_prompts})
-    prompt_off = sample_off = 0
+    prompt_off = sample_off = id_off = 0
     all_keys, all_tr = [], []
     offsets = []
     for part in parts:
@@ -177,6 +177,9 @@ def gather_rollout(shard: Shard, table: RewardTable, keys: SampleKeys, transitio
         tr: Transitions = part["tr"]
         all_keys.append(SampleKeys(k.prompt_index + prompt_off, k.seed_index, k.branch_step))
         tr.sample_index = tr.sample_index + sample_off
+        # disjoint input ids per process: an input group (one trunk's branch point) never spans processes
+        tr.input_id = tr.input_id - (int(tr.input_id.min()) if len(tr) else 0) + id_off
+        id_off = int(tr.input_id.max()) + 1 if len(tr) else id_off
         all_tr.append(tr)
         offsets.append(sum(len(t) for t in all_tr[:-1]))
         prompt_off += part["prompts"]

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignkit.cost import COST_METRICS
+from alignkit.plans import PLAN_METRICS
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -33,6 +36,16 @@ def _regex(pattern: str) -> re.Pattern[str]:
     """``reward/{name}_mean`` -> a regex where ``{name}`` is one path segment (a reward's name)."""
     parts = re.split(r"(\{name\})", pattern)
     return re.compile("".join("[^/]+" if part == "{name}" else re.escape(part) for part in parts))
+
+
+TRAIN_METRICS: dict[str, str] = {
+    "train/transitions_trained": "Transitions in the epoch's minibatches (inner epochs summed, all processes).",
+    "train/distinct_inputs": "Distinct inputs (state, step, conditioning) among them: one per branch point.",
+    "train/inputs_evaluated": "Policy forwards of the epoch's update: the distinct inputs with train.shared_inputs, "
+        "the transitions without.",
+    "train/tied_skipped": "Transitions of advantage exactly 0 left out by algo.objective.skip_tied (0 when off).",
+}
+"""The ``train/*`` keys the shared-input update adds (logged by :mod:`alignkit.update`)."""
 
 
 METRICS: dict[str, str] = {
@@ -93,6 +106,9 @@ METRICS: dict[str, str] = {
     "eval/{name}": "Held-out mean of reward `{name}` (training and evaluation-only rewards) over "
         "eval.num_prompts prompts x eval.seeds_per_prompt noises, sampled deterministically (EMA "
         "weights when train.ema is on); in rows of epochs that evaluate.",
+    **TRAIN_METRICS,
+    **COST_METRICS,
+    **PLAN_METRICS,
 }
 """Every key a run writes to ``metrics.jsonl`` (and TensorBoard): the key, or a pattern where ``{name}`` stands for a
 reward's name, mapped to its meaning; in the order of the docs' reference."""

@@ -46,7 +46,9 @@ def grpo_objective(
         advantage: ``[B]`` advantages; clamped to ``[-adv_clip, adv_clip]``.
         weight: ``[B]`` per-transition weights of the policy term (noise-aware weighting); the KL term
             is not reweighted.
-        kl: ``[B]`` KL to the reference, or None when ``beta == 0``.
+        kl: ``[B]`` KL to the reference, or None when ``beta == 0``. Its mean runs over the ``B`` transitions
+            given: with ``algo.objective.skip_tied`` the tied ones (advantage exactly 0) are not among them, so
+            the KL term is computed on the kept transitions only (:mod:`alignkit.update`).
         cfg: clip range, advantage clamp and KL coefficient.
     """
     adv = advantage.clamp(-cfg.adv_clip, cfg.adv_clip)  # [B]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -9,7 +10,8 @@ from typing import Any
 
 import torch
 
-from alignkit.interfaces import Sampler
+from alignkit.cost import FlopMeter, maybe_meter, shape_key
+from alignkit.interfaces import Sampler, StepDistribution
 from alignkit.plans import PlanSchedule
 from alignkit.types import Rollout, SampleKeys, Transitions, index_batch
 
@@ -72,13 +74,26 @@ class RolloutEngine:
     """Samples trajectories with a :class:`Sampler` following a :class:`PlanSchedule`.
 
     Rows are processed in batches of ``batch_size`` samples; each row owns a generator seeded from its
-    identity, used first for the initial noise and then for every exploring step.
+    identity, used first for the initial noise and then for every exploring step. With a ``meter`` the model
+    FLOPs of transitions (phase ``rollout``) and decodes (``decode``) are counted (:mod:`alignkit.cost`).
     """
 
-    def __init__(self, sampler: Sampler, *, batch_size: int, decode_batch_size: int | None = None) -> None:
+    def __init__(self, sampler: Sampler, *, batch_size: int, decode_batch_size: int | None = None,
+                 meter: FlopMeter | None = None) -> None:
         self.sampler = sampler
         self.batch_size = batch_size
         self.decode_batch_size = decode_batch_size or batch_size
+        self.meter = meter
+
+    def _transition(self, state: torch.Tensor, step: torch.Tensor, cond: dict[str, torch.Tensor], *,
+                    stochastic: bool) -> StepDistribution:
+        """:meth:`Sampler.transition`, its FLOPs counted by the meter."""
+        return maybe_meter(self.meter, "rollout", shape_key(state, cond, stochastic),
+                           functools.partial(self.sampler.transition, state, step, cond, stochastic=stochastic))
+
+    def _decode(self, state: torch.Tensor) -> Any:
+        """:meth:`Sampler.decode`, its FLOPs counted by the meter."""
+        return maybe_meter(self.meter, "decode", shape_key(state), functools.partial(self.sampler.decode, state))
 
     @torch.no_grad()
     def run(self, request: RolloutRequest, schedule: PlanSchedule, sink: SampleSink | None = None) -> Rollout:
@@ -178,8 +193,8 @@ class RolloutEngine:
             x = as_state(sampler.initial_state(self._noise_generators(request, rows, prompt_index, seed_index)))
             cond = index_batch(cond_all, prompt_index[rows])
             for i in range(last + 1):
-                dist = sampler.transition(x, torch.full((len(rows),), i, device=x.device), cond,
-                                          stochastic=i in position)
+                dist = self._transition(x, torch.full((len(rows),), i, device=x.device), cond,
+                                        stochastic=i in position)
                 nfe += len(rows)
                 if i in position:
                     local = torch.arange(len(rows)).repeat_interleave(k_children)  # [R K]
@@ -195,7 +210,7 @@ class RolloutEngine:
                     parts.append(Transitions(
                         state=x[local.to(x.device)], next_state=drawn, step=torch.full((len(children),), i),
                         log_prob=sub.log_prob(drawn).float().cpu(), scale=sub.scale.float().cpu(),
-                        sample_index=children,
+                        sample_index=children, input_id=children // k_children,  # one input per branch point
                     ))
                 if i < last:
                     x = dist.mode()
@@ -212,8 +227,8 @@ class RolloutEngine:
             active += pending[:take]
             del pending[:take]
             idx = torch.tensor(active, dtype=torch.long)
-            dist = sampler.transition(state[idx], step[idx].to(state.device), index_batch(cond_all, child_prompt[idx]),
-                                      stochastic=False)
+            dist = self._transition(state[idx], step[idx].to(state.device),
+                                    index_batch(cond_all, child_prompt[idx]), stochastic=False)
             nfe += len(idx)
             state[idx] = dist.mode()
             step[idx] += 1
@@ -242,12 +257,13 @@ class RolloutEngine:
         for i in range(self.sampler.num_steps):
             step = torch.full((x.shape[0],), i, dtype=torch.long)
             explore = i in stochastic
-            dist = self.sampler.transition(x, step.to(x.device), cond, stochastic=explore)
+            dist = self._transition(x, step.to(x.device), cond, stochastic=explore)
             if explore:
                 nxt = dist.sample(gens)
                 stored.append(Transitions(
                     state=x, next_state=nxt, step=step, log_prob=dist.log_prob(nxt).float().cpu(),
                     scale=dist.scale.float().cpu(), sample_index=rows.clone(),
+                    input_id=rows * self.sampler.num_steps + i,  # one input per (sample, step)
                 ))
             else:
                 nxt = dist.mode()
@@ -282,7 +298,7 @@ class _Decoded:
             self._rows, self._prompts, self._states = [rows[k:]], [prompts[k:]], [states[k:]]
             if k == len(rows):
                 self._rows, self._prompts, self._states = [], [], []
-            out = self.engine.sampler.decode(states[:k])
+            out = self.engine._decode(states[:k])
             self._chunks.append((rows[:k], out))
             if self.sink is not None:
                 self.sink(rows[:k], prompts[:k], out)

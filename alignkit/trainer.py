@@ -30,6 +30,7 @@ from alignkit.checkpoint import (
     truncate_metrics,
 )
 from alignkit.config import ConfigError, RunConfig, to_dict
+from alignkit.cost import FlopMeter
 from alignkit.credit import CreditAssigner
 from alignkit.distributed import Gathered, Shard, canonical_order, gather_rollout, on_every_process
 from alignkit.ema import EMA
@@ -170,6 +171,8 @@ class Trainer:
         self.plan: ExplorationPlan = c.plan
         self.credit: CreditAssigner = c.credit
         self.engine = c.engine
+        self.meter = FlopMeter()  # model FLOPs of rollout, decode and update (cost/* metrics)
+        self.engine.meter = self.meter
         # the checkpoint to resume from is read now: its trainable weights go in before sharding
         force = cfg.train.resume == "force"
         opened = open_checkpoint(self.out, self.train_prompts, self.sampler, force=force) \
@@ -201,7 +204,7 @@ class Trainer:
                                             settings=cfg.train if force else None)
         self._saved_epoch = self.state.epoch  # the epoch of the latest checkpoint of this run (0: none yet)
         self.updater = Updater(cfg, self.accelerator, self.sampler, module, params, self.optimizer,
-                               self.lr_scheduler, self.ema, self.shard, self.fsdp, self.out)
+                               self.lr_scheduler, self.ema, self.shard, self.fsdp, self.out, meter=self.meter)
         self._last_heldout: float | None = None  # latest held-out mean of the first reward, for the progress bar
         if self.is_main:
             self.metrics = MetricsWriter(self.out, self.accelerator, first_step=self.state.epoch + 1 if opened else 0,
@@ -227,7 +230,7 @@ class Trainer:
     def _checkpoint_parts(self) -> CheckpointParts:
         # the scaler is read now: accelerate may install it after the trainer is built
         return CheckpointParts(sampler=self.sampler, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
-                               scaler=self.accelerator.scaler, ema=self.ema, fsdp=self.fsdp)
+                               scaler=self.accelerator.scaler, ema=self.ema, fsdp=self.fsdp, plan=self.plan)
 
     def save(self) -> Path | None:
         """Write a checkpoint of everything the next epoch depends on (:func:`save_training_checkpoint`).
@@ -328,7 +331,7 @@ class Trainer:
         """One epoch: rollout -> score -> credit -> update -> log -> checkpoint. A stop asked before the update
         abandons the epoch (nothing of it is kept); once the update ran, the epoch is completed."""
         cfg = self.cfg
-        epoch = self.state.epoch
+        epoch, steps_before = self.state.epoch, self.state.global_step
         t0 = time.perf_counter()
         rolled = self.rollout(epoch)
         t1 = time.perf_counter()
@@ -342,6 +345,8 @@ class Trainer:
         scored = self.assign_credit(gathered)
         t2 = time.perf_counter()
         self._stop_if_asked(stop)
+        # the epoch is now completed whatever happens: its signal may update the plan (saved with the checkpoint)
+        self.plan.observe(rolled.schedule, gathered.keys, scored.credit, scored.groups)
         self._count_masked(gathered, scored)
         stats = self.optimize(rolled.rollout, gathered, scored.credit, epoch)
         t3 = time.perf_counter()
@@ -349,6 +354,7 @@ class Trainer:
         self.state.nfe_total += gathered.nfe
         self.state.seconds_total += t3 - t0
         metrics = self._epoch_metrics(gathered, scored, stats, (t0, t1, t2, t3))
+        metrics.update(self._cost_metrics(gathered, stats, self.state.global_step - steps_before))
         last = self.state.epoch == cfg.train.epochs
         if (cfg.eval.every and self.state.epoch % cfg.eval.every == 0) or (last and cfg.eval.before_after):
             after = self.evaluate_heldout("eval_after" if last else f"eval_{self.state.epoch:05d}")
@@ -448,7 +454,23 @@ class Trainer:
         m["run/processes"] = float(self.shard.world_size)
         m["time/rollout_s"], m["time/reward_s"], m["time/train_s"] = t1 - t0, t2 - t1, t3 - t2
         m.update(stats)
+        m.update(self.plan.metrics())
         return m
+
+    def _cost_metrics(self, gathered: Gathered, stats: dict[str, float], steps: int) -> dict[str, float]:
+        """``cost/*`` of the epoch, all processes together, and their running totals
+        (:data:`alignkit.cost.COST_METRICS`); call it on every process (the FLOPs are summed)."""
+        flops = self.meter.take()
+        summed = self.shard.sum_(torch.tensor([flops[k] for k in ("rollout", "decode", "train")], dtype=torch.int64))
+        epoch = {"rollout_flops": float(summed[0]), "decode_flops": float(summed[1]), "train_flops": float(summed[2]),
+                 "flops": float(summed.sum()), "train_inputs": stats["train/inputs_evaluated"],
+                 "decodes": float(len(gathered.keys)),
+                 "reward_calls": float(len(gathered.keys) * len(self.reward_set.terms)),
+                 "optimizer_steps": float(steps)}
+        totals = self.state.cost_totals
+        for k, v in epoch.items():
+            totals[k] = totals.get(k, 0.0) + v
+        return {**{f"cost/{k}": v for k, v in epoch.items()}, **{f"cost/{k}_total": totals[k] for k in epoch}}
 
     def evaluate_heldout(self, name: str) -> dict[str, float]:
         """Deterministic sampling of the evaluation prompts over all processes (EMA weights when enabled;

@@ -58,6 +58,9 @@ class Transitions:
         scale: ``[M]`` float32 exploration scale of the step (the transition std for flows); the
             noise-aware weighting uses it.
         sample_index: ``[M]`` long, the sample (row of the reward table) the action belongs to.
+        input_id: ``[M]`` long, equal for transitions that share their input (state, step and conditioning):
+            the ``K`` children of one branch point; unique otherwise (every Flow-GRPO transition has its own).
+            The update evaluates each input once (:mod:`alignkit.update`). Default (None): all unique.
     """
 
     state: torch.Tensor
@@ -66,6 +69,14 @@ class Transitions:
     log_prob: torch.Tensor
     scale: torch.Tensor
     sample_index: torch.Tensor
+    input_id: torch.Tensor = None  # type: ignore[assignment]  # filled in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.input_id is None:
+            self.input_id = torch.arange(len(self))
+        elif self.input_id.shape != self.step.shape:
+            raise ValueError(f"Transitions.input_id has shape {tuple(self.input_id.shape)}, step "
+                             f"{tuple(self.step.shape)}: give one id per transition")
 
     def __len__(self) -> int:
         return int(self.step.shape[0])
@@ -76,7 +87,7 @@ class Transitions:
 
     @staticmethod
     def cat(parts: list[Transitions]) -> Transitions:
-        """Concatenate along the transition axis."""
+        """Concatenate along the transition axis (``input_id`` as it is: parts must use disjoint ids)."""
         return Transitions(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Transitions)})
 
 

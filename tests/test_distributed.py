@@ -4,7 +4,9 @@ std, seed groups, noise-aware weights over all transitions), and the gradient su
 the one-process gradient of every global minibatch (uneven shares, gradient accumulation, a random subset of
 steps per sample). Under ``train.sharding=fsdp`` (parameters, gradients and optimizer state sharded over
 the two processes) the update is the same, and a sharded run stopped and resumed from its checkpoint ends
-bit-identical to an uninterrupted one."""
+bit-identical to an uninterrupted one. TempFlow-GRPO's shared-input minibatches (whole branch-point groups, one
+evaluation per distinct input) give the same update and the same counts under DDP and FSDP: a group lives on the
+process that rolled out its trunk; the adaptive plan observes the gathered credit identically on every process."""
 
 from __future__ import annotations
 
@@ -37,8 +39,16 @@ RUNS = {
                                          "train.gradient_accumulation_steps=2", "algo.timestep_fraction=0.67",
                                          "algo.credit.std=global"]),
     # branch at steps 0..2 with 2 children: 48 one-transition samples, seed groups, noise-aware weights
+    # shared inputs: 24 branch points of 2 children, minibatches of 5 groups (10 transitions)
     "tempflow_grpo": ("sd3_tiny_tempflow_grpo", ["train.rollout_batch_size=8", "train.train_batch_size=10",
                                                  "algo.plan.options.children=2", "train.inner_epochs=2"]),
+    # sharded, shared inputs: groups of 3 children, one per minibatch of 4 (the other process runs a stand-in);
+    # the adaptive plan (2 of the 3 steps per epoch) learns from the gathered credit on both processes; skip_tied on
+    "tempflow_grpo_fsdp": ("sd3_tiny_tempflow_grpo", [
+        "train.sharding=fsdp", "train.rollout_batch_size=8", "train.train_batch_size=4",
+        "train.gradient_accumulation_steps=2", "algo.plan.name=adaptive", "~algo.plan.options.select",
+        "algo.plan.options.children=3", "+algo.plan.options.budget=2", "+algo.plan.options.decay=0.5",
+        "algo.objective.skip_tied=true"]),
     # sharded: minibatches of 2 rows, so a process often holds none of one (and runs a stand-in of weight 0);
     # held-out evaluation (EMA weights swapped in) samples on both processes every epoch; LoRA also on the
     # root module's own layer (proj_out, outside the sharded blocks); the one-process reference runs unsharded
@@ -50,7 +60,9 @@ RUNS = {
 RESUMED = "flow_grpo_fsdp"  # also trained by the pair as 1 epoch, then resumed for the second
 COMPARED = ("reward/score_mean", "reward/bright_std", "rollout/samples", "rollout/transitions",
             "rollout/nfe", "train/loss", "train/kl", "train/grad_norm", "train/clip_fraction", "train/minibatches",
-            "credit/zero_std_fraction", "global_step")
+            "credit/zero_std_fraction", "global_step", "train/transitions_trained", "train/distinct_inputs",
+            "train/inputs_evaluated", "train/tied_skipped", "cost/train_inputs", "cost/decodes", "cost/reward_calls",
+            "cost/optimizer_steps", "cost/rollout_flops", "cost/decode_flops")
 
 
 def _overrides(name: str, out: Path, epochs: int = 2, folder: str | None = None) -> list[str]:
@@ -112,6 +124,12 @@ def test_two_processes_match_one(tmp_path: Path, caplog: pytest.LogCaptureFixtur
         for r1, r2 in zip(rows1, rows2, strict=True):
             for key in COMPARED:  # gathered rewards, global counts, summed gradients (grad_norm is pre-clip)
                 assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-7), (name, key, r1[key], r2[key])
+            plan = {k: v for k, v in r1.items() if k.startswith("plan/")}
+            assert plan == pytest.approx({k: r2[k] for k in plan}, rel=1e-4, abs=1e-7), name
+            if "fsdp" not in name:  # FSDP's stand-in rows (weight 0) are compute too
+                assert r2["cost/train_flops"] == pytest.approx(r1["cost/train_flops"], rel=1e-9), name
+            if "tempflow" in name:  # one evaluation per branch point, on the process that rolled out its trunk
+                assert r1["train/distinct_inputs"] < r1["train/transitions_trained"], name
         a, b = _final(one / name), _final(two / name)
         assert a.keys() == b.keys()
         moved = max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k)  # LoRA B starts at 0

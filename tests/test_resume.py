@@ -255,3 +255,60 @@ def test_global_rng_states_round_trip(tmp_path: Path) -> None:
     load_checkpoint(path)
     assert torch.equal(torch.rand(3), expected[0])
     assert random.random() == expected[1] and np.random.rand() == expected[2]
+
+
+# --- resume with a plan that learns -----------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Ends a run right after a checkpoint, as a crash there would."""
+
+
+@pytest.mark.integration
+def test_adaptive_plan_state_and_cost_totals_resume_bit_identical(tmp_path: Path) -> None:
+    """A run of the adaptive branch plan stopped after its checkpoint of epoch 2 and resumed ends bit-identical to
+    an uninterrupted one: the plan's estimates (saved with the checkpoint) draw the same branch steps, and the
+    cost totals carry on."""
+    from alignkit.compose import load_run_config
+    from alignkit.trainer import Trainer
+
+    def trainer(out: Path) -> Trainer:
+        overrides = [f"output_dir={out}", "train.epochs=4", "algo=tempflow_grpo_adaptive", "train.prompts_per_epoch=2",
+                     "backbone.num_steps=5", "algo.plan.options.budget=2", "algo.plan.options.decay=0.5",
+                     "train.train_batch_size=12", "train.checkpoint_every=1", "train.sample_every=1000",
+                     "eval.before_after=false", "eval.every=0", "device=cpu", "train.learning_rate=1e-2"]
+        return Trainer(load_run_config("default", overrides), tensorboard=False)
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    trainer(straight).train()
+    first = trainer(stopped)
+    save = first.save
+
+    def save_then_stop_at_epoch_2() -> Path | None:
+        written = save()
+        if first.state.epoch == 2:
+            raise _Stop
+        return written
+
+    first.save = save_then_stop_at_epoch_2
+    with pytest.raises(_Stop):
+        first.train()
+    at_stop = json.loads((latest_checkpoint(stopped) / "state.json").read_text())
+    assert at_stop["epoch"] == 2 and at_stop["plan"]["estimate"] != [1.0] * 4  # the plan has learned something
+    resumed = trainer(stopped)
+    assert resumed.state.epoch == 2 and resumed.plan.state_dict() == at_stop["plan"]
+    resumed.train()
+
+    a, b = latest_checkpoint(straight), latest_checkpoint(stopped)
+    assert a is not None and b is not None and a.name == b.name
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    ma, mb = (json.loads((p / "state.json").read_text()) for p in (a, b))
+    assert ma["plan"] == mb["plan"] and ma["cost_totals"] == mb["cost_totals"] and ma["cost_totals"]["flops"] > 0
+    ra, rb = read_metrics(straight / "metrics.jsonl"), read_metrics(stopped / "metrics.jsonl")
+    assert [r["epoch"] for r in rb] == [1.0, 2.0, 3.0, 4.0]
+    for x, y in zip(ra, rb, strict=True):
+        assert {k: v for k, v in x.items() if not k.startswith("time/")} == \
+               {k: v for k, v in y.items() if not k.startswith("time/")}
+    assert len({r["rollout/nfe"] for r in ra}) > 1, "the branch steps should change between epochs"
+    assert rb[-1]["cost/flops_total"] == sum(r["cost/flops"] for r in rb)
