@@ -1,0 +1,317 @@
+"""The sampler contract every backbone's tiny builder runs (in the style of diffusers' pipeline tester mixin).
+
+Each test is parametrised over :data:`cases.CASES` (SD3, FLUX, Wan, Stable Audio 3, the masked LM); to put a new
+backbone under the whole contract, add one ``BackboneCase`` there (its docstring says what to give). Items that
+do not apply to a backbone are skipped with the reason its case gives.
+
+    ODE / greedy rollout      equals the stock pipeline's own sampling from the same initial noise
+    prompts                   encoded once per rollout (not per step or child), rows independent of the batch
+    branching                 closed-form NFE, stored log-probs recomputed, batch-layout and global-RNG independent
+    step kinds                every exploring step stores a transition whose log-prob recomputes
+    reference                 the KL reference is the base model (adapter off / frozen copy), ignoring updates
+    export                    LoRA and fully fine-tuned weights load into the stock pipeline (its documented way)
+                              and sample exactly as alignkit does; old checkpoints still resume
+    gradient checkpointing    leaves the gradients unchanged
+    check_config              refuses bad settings before loading, naming field, value and fix
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from cases import CASES, BackboneCase
+
+from alignkit.config import ConfigError, LoraConfig
+from alignkit.plans import AllStochastic, Branch, Deterministic
+from alignkit.registry import SAMPLERS
+from alignkit.rollout import RolloutEngine, RolloutRequest, sample_generator
+from alignkit.types import index_batch
+
+N_STEPS = 4  # every case samples 4 steps
+TOL = 1e-5
+EFFECT = 1000 * TOL  # the adapter / the fine-tune must change the output by far more than the tolerance
+
+GUIDED = [pytest.param(c, g, id=f"{c.name}-{i}") for c in CASES for i, g in enumerate(c.guidance)]
+KINDS = [pytest.param(c, k, id=f"{c.name}-{k}") for c in CASES for k in c.step_kinds]
+
+
+@pytest.fixture(params=CASES, ids=[c.name for c in CASES])
+def case(request: pytest.FixtureRequest) -> BackboneCase:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``pretrained(case)``: the case's tiny pretrained folder, built once per module."""
+    folders: dict[str, Path] = {}
+
+    def get(case: BackboneCase) -> Path:
+        if case.name not in folders:
+            folders[case.name] = tmp_path_factory.mktemp(case.name)
+            case.build(folders[case.name])
+        return folders[case.name]
+
+    return get
+
+
+def _skip(case: BackboneCase, item: str) -> None:
+    if item in case.skip:
+        pytest.skip(case.skip[item])
+
+
+def _request(case: BackboneCase, num_seeds: int = 1, seed: int = 7) -> RolloutRequest:
+    return RolloutRequest(prompts=list(case.prompts), prompt_ids=[0, 1], metadata=[{}, {}], num_seeds=num_seeds,
+                          seed=seed, iteration=0)
+
+
+def _ode(sampler: Any, case: BackboneCase) -> Any:
+    return RolloutEngine(sampler, batch_size=2).run(_request(case), Deterministic().schedule(N_STEPS, 0,
+                                                                                              torch.Generator()))
+
+
+def _initial(sampler: Any) -> torch.Tensor:
+    """The initial states of :func:`_request`'s two rows (run seed 7, iteration 0, prompt ids 0 and 1)."""
+    return sampler.initial_state([sample_generator(7, 0, i, 0) for i in range(2)])
+
+
+def _assert_same(ours: Any, theirs: Any) -> None:
+    """Float tensors equal to float tolerance; token ids and texts exactly."""
+    if isinstance(ours, torch.Tensor) and ours.is_floating_point():
+        torch.testing.assert_close(ours, theirs, rtol=TOL, atol=TOL)
+    elif isinstance(ours, torch.Tensor):
+        assert torch.equal(ours, theirs)
+    else:
+        assert ours == theirs
+
+
+def _effect(a: torch.Tensor, b: torch.Tensor) -> float:
+    """How much two outputs differ: the largest absolute difference, or the share of differing tokens."""
+    return float((a - b).abs().max()) if a.is_floating_point() else float((a != b).float().mean())
+
+
+def _perturb(module: torch.nn.Module, *, lora: bool, seed: int = 0) -> None:
+    """Move the trainable weights far from their start (LoRA B starts at zero: the adapter would do nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if not p.requires_grad or (lora and "lora_B" not in name):
+                continue
+            p.add_(torch.randn(p.shape, generator=g) * (0.3 if lora else 0.05))
+
+
+# --- sampling -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("case", "guidance"), GUIDED)
+def test_ode_rollout_equals_the_stock_pipeline(case: BackboneCase, guidance: dict[str, Any], pretrained: Any) -> None:
+    folder = pretrained(case)
+    sampler = case.make(folder, **guidance)
+    rollout = _ode(sampler, case)
+    assert rollout.nfe == 2 * N_STEPS and len(rollout.transitions) == 0
+    stock = case.stock.load(folder)
+    init = _initial(sampler)
+    _assert_same(rollout.final_state, case.stock.sample(stock, list(case.prompts), init, sampler.cfg))
+    _assert_same(rollout.samples, case.stock.sample(stock, list(case.prompts), init, sampler.cfg, decode=True))
+
+
+def test_prompts_are_encoded_once_per_rollout(case: BackboneCase, pretrained: Any) -> None:
+    sampler = case.make(pretrained(case))
+    prompts = list(case.prompts)
+    first = sampler.encode_prompts(prompts)
+    flipped = sampler.encode_prompts(prompts[::-1])
+    assert first.keys() == flipped.keys()
+    for key, value in first.items():  # a prompt's conditioning does not depend on the other prompts
+        _assert_same(flipped[key], value.flip(0))
+    if case.encoder_rows is None:
+        return  # no text encoder (the case's skip["encoder"] says why); the row check above still applies
+    pipe = sampler.pipe
+    encoders = [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                if getattr(pipe, n, None) is not None]
+    rows: list[list[int]] = [[] for _ in encoders]
+    for seen, encoder in zip(rows, encoders):
+        encoder.register_forward_hook(
+            lambda _m, args, kwargs, _o, seen=seen: seen.append(int((args[0] if args else kwargs["input_ids"]
+                                                                     ).shape[0])), with_kwargs=True)
+    schedule = Branch(children=2).schedule(N_STEPS, 0, torch.Generator().manual_seed(0))
+    RolloutEngine(sampler, batch_size=16).run(_request(case, num_seeds=2), schedule)
+    during = [sum(r) for r in rows]
+    for r in rows:
+        r.clear()
+    sampler.encode_prompts(prompts)
+    assert during == [sum(r) for r in rows] == [case.encoder_rows] * len(encoders)
+
+
+def test_branching_rollout_nfe_log_probs_and_seeding(case: BackboneCase, pretrained: Any) -> None:
+    sampler = case.make(pretrained(case))
+    schedule = Branch(children=2).schedule(N_STEPS, 0, torch.Generator().manual_seed(0))
+    rollout = RolloutEngine(sampler, batch_size=16).run(_request(case, num_seeds=2), schedule)
+    trunks, branch_steps, k = 4, [0, 1, 2], 2
+    n = trunks * len(branch_steps) * k
+    state_shape = tuple(_initial(sampler).shape[1:])
+    assert len(rollout.keys) == n and len(rollout.samples) == n and rollout.final_state.shape == (n, *state_shape)
+    # the trunk runs to its last branch step, each child finishes the steps after its own
+    assert rollout.nfe == trunks * (max(branch_steps) + 1 + k * sum(N_STEPS - 1 - s for s in branch_steps)) == 60
+    tr = rollout.transitions
+    assert tr.state.shape == tr.next_state.shape == (n, *state_shape)
+    assert torch.equal(tr.step, rollout.keys.branch_step) and (tr.scale > 0).all()
+    assert torch.isfinite(tr.log_prob).all()
+    rows = torch.arange(0, n, 5)
+    cond = index_batch(rollout.cond, rollout.keys.prompt_index[tr.sample_index[rows]])
+    with torch.no_grad():
+        again = sampler.transition(tr.state[rows], tr.step[rows], cond, stochastic=True)
+    torch.testing.assert_close(again.log_prob(tr.next_state[rows]), tr.log_prob[rows], rtol=0, atol=TOL)
+    # each row owns its generators: another batch layout gives the same rollout, and the global RNG is not used
+    rng = torch.get_rng_state()
+    other = RolloutEngine(sampler, batch_size=5).run(_request(case, num_seeds=2), schedule)
+    assert torch.equal(rng, torch.get_rng_state())
+    _assert_same(other.final_state, rollout.final_state)
+    _assert_same(other.transitions.next_state, tr.next_state)
+    torch.testing.assert_close(other.transitions.log_prob, tr.log_prob, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize(("case", "step_kind"), KINDS)
+def test_every_exploring_step_stores_a_recomputable_transition(case: BackboneCase, step_kind: str,
+                                                                pretrained: Any) -> None:
+    sampler = case.make(pretrained(case), step_kind=step_kind)
+    rollout = RolloutEngine(sampler, batch_size=2).run(_request(case), AllStochastic().schedule(N_STEPS, 0,
+                                                                                                 torch.Generator()))
+    tr = rollout.transitions
+    assert len(tr) == 2 * (N_STEPS - 1) and sorted(set(tr.step.tolist())) == list(range(N_STEPS - 1))
+    assert torch.isfinite(tr.log_prob).all() and (tr.scale > 0).all()
+    cond = index_batch(rollout.cond, rollout.keys.prompt_index[tr.sample_index])
+    with torch.no_grad():
+        again = sampler.transition(tr.state, tr.step, cond, stochastic=True)
+    torch.testing.assert_close(again.log_prob(tr.next_state), tr.log_prob, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_reference_is_the_base_model(case: BackboneCase, lora: bool, pretrained: Any) -> None:
+    """Adapter disabled (LoRA) or the frozen copy (full fine-tuning): the reference ignores every update."""
+    lora_cfg = LoraConfig(**{**vars(case.backbone["lora"]), "enabled": lora})
+    sampler = case.make(pretrained(case), lora=lora_cfg)
+    cond = sampler.encode_prompts(list(case.prompts))
+    x, step = _initial(sampler), torch.tensor([0, N_STEPS - 2])
+    with torch.no_grad():
+        before = sampler.transition(x, step, cond, stochastic=True)
+        _perturb(sampler.trainable_module(), lora=lora)
+        after = sampler.transition(x, step, cond, stochastic=True)
+        with sampler.reference():
+            ref = sampler.transition(x, step, cond, stochastic=True)
+        back = sampler.transition(x, step, cond, stochastic=True)
+    assert (after.kl(ref) > 1e-6).all()
+    torch.testing.assert_close(before.kl(ref), torch.zeros(2), rtol=0, atol=1e-7)
+    torch.testing.assert_close(back.kl(after), torch.zeros(2), rtol=0, atol=1e-7)  # the policy is back after it
+
+
+# --- export -----------------------------------------------------------------------------------------------------
+
+
+def test_lora_export_samples_in_the_stock_pipeline_as_in_alignkit(case: BackboneCase, pretrained: Any,
+                                                                  tmp_path: Path) -> None:
+    """The exported adapter, loaded the stock way, gives alignkit's own ODE output from the same noise, at the
+    trained alpha (diffusers assumed alpha = rank before the adapter settings were saved with the weights)."""
+    folder = pretrained(case)
+    sampler = case.make(folder)
+    assert sampler.cfg.lora.alpha != sampler.cfg.lora.rank  # else a lost alpha would go unnoticed
+    _perturb(sampler.trainable_module(), lora=True)
+    ours = _ode(sampler, case).final_state
+    with sampler.reference():
+        ours_base = _ode(sampler, case).final_state
+    sampler.save_trainable(tmp_path / "export")
+
+    stock = case.stock.load(folder)
+    prompts, init = list(case.prompts), _initial(sampler)
+    _assert_same(ours_base, case.stock.sample(stock, prompts, init, sampler.cfg))  # reference == stock base
+    case.stock.load_lora(stock, tmp_path / "export")
+    _assert_same(ours, case.stock.sample(stock, prompts, init, sampler.cfg))
+    assert _effect(ours, ours_base) > (EFFECT if ours.is_floating_point() else 0)
+
+    # alignkit resumes from it, and from the layout it wrote before
+    fresh = case.make(folder)
+    fresh.load_trainable(tmp_path / "export")
+    _assert_same(_ode(fresh, case).final_state, ours)
+    if case.legacy is not None:
+        case.legacy(tmp_path / "export")
+        old = case.make(folder)
+        old.load_trainable(tmp_path / "export")
+        _assert_same(_ode(old, case).final_state, ours)
+
+
+def test_full_export_samples_in_the_stock_pipeline_as_in_alignkit(case: BackboneCase, pretrained: Any,
+                                                                  tmp_path: Path) -> None:
+    folder = pretrained(case)
+    full = LoraConfig(enabled=False)
+    sampler = case.make(folder, lora=full)
+    base = _ode(sampler, case).final_state
+    _perturb(sampler.trainable_module(), lora=False)
+    ours = _ode(sampler, case).final_state
+    assert _effect(ours, base) > (EFFECT if ours.is_floating_point() else 0)
+    sampler.save_trainable(tmp_path / "export")
+    stock = case.stock.load_full(folder, tmp_path / "export")
+    _assert_same(ours, case.stock.sample(stock, list(case.prompts), _initial(sampler), sampler.cfg))
+    fresh = case.make(folder, lora=full)
+    fresh.load_trainable(tmp_path / "export")
+    _assert_same(_ode(fresh, case).final_state, ours)
+
+
+def test_an_export_with_other_lora_settings_is_refused(case: BackboneCase, pretrained: Any, tmp_path: Path) -> None:
+    folder = pretrained(case)
+    lora = case.backbone["lora"]
+    case.make(folder).save_trainable(tmp_path)
+    other = case.make(folder, lora=LoraConfig(**{**vars(lora), "alpha": 2 * lora.alpha}))
+    with pytest.raises(ValueError, match=rf"alpha={lora.alpha:g}.*set backbone\.lora\.alpha={lora.alpha:g} "):
+        other.load_trainable(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no LoRA weights"):
+        other.load_trainable(tmp_path / "absent")
+
+
+# --- training ---------------------------------------------------------------------------------------------------
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(case: BackboneCase, pretrained: Any) -> None:
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # peft draws LoRA A from the global RNG
+        sampler = case.make(pretrained(case), gradient_checkpointing=checkpointing)
+        _perturb(sampler.trainable_module(), lora=True)
+        cond = sampler.encode_prompts(list(case.prompts))
+        gens = [sample_generator(1, i) for i in range(2)]
+        x, step = _initial(sampler), torch.tensor([1, 2])
+        with torch.no_grad():
+            nxt = sampler.transition(x, step, cond, stochastic=True).sample(gens)
+        sampler.train(True)
+        sampler.transition(x, step, cond, stochastic=True).log_prob(nxt).sum().backward()
+        sampler.train(False)
+        grads.append({n: p.grad.clone() for n, p in sampler.trainable_module().named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0] and all("lora_" in n for n in grads[0])
+    assert all(float(g.abs().max()) > 0 for g in grads[0].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7)
+
+
+# --- configuration ----------------------------------------------------------------------------------------------
+
+
+def test_check_config_refuses_bad_settings_before_loading(case: BackboneCase, pretrained: Any,
+                                                          tmp_path: Path) -> None:
+    overrides, fragments = case.bad
+    cfg = case.config(tmp_path / "absent", **overrides)
+    problems = case.sampler.check_config(cfg)
+    assert len(problems) == len(fragments), problems
+    for problem, fragment in zip(problems, fragments):
+        assert fragment in problem
+    with pytest.raises(ConfigError):  # not FileNotFoundError: nothing was loaded
+        case.sampler.from_config(cfg, step_kind=case.step_kinds[0], noise_level=case.noise_level, device="cpu")
+    assert not case.sampler.check_config(case.config(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match=r"backbone\.pretrained="):
+        case.make(tmp_path / "absent")
+    targets = LoraConfig(**{**vars(case.backbone["lora"]), "target_modules": case.bad_lora_targets})
+    with pytest.raises(ValueError, match="target_modules"):
+        case.make(pretrained(case), lora=targets)
+
+
+def test_is_a_registered_sampler(case: BackboneCase) -> None:
+    assert SAMPLERS.get(case.name) is case.sampler
