@@ -63,12 +63,19 @@ class DiffusersStock:
         return pipe
 
     @torch.no_grad()
-    def sample(self, pipe: Any, prompts: list[str], initial: torch.Tensor, cfg: BackboneConfig,
-               decode: bool = False) -> Any:
-        """The pipeline's own sampling from initial noise ``initial``: final latents, or decoded samples."""
-        out = pipe(prompt=prompts, latents=initial.clone(), num_inference_steps=cfg.num_steps,
-                   output_type="pt" if decode else "latent", **self.call_kwargs(cfg))
-        return getattr(out, self.output)
+    def sample(self, pipe: Any, prompts: list[str], initial: torch.Tensor, cfg: BackboneConfig
+               ) -> tuple[torch.Tensor, Any]:
+        """The pipeline's own sampling from initial noise ``initial``: ``(final latents, decoded samples)``, the
+        latents as its step-end callback sees them after the last step."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(_pipe: Any, _i: int, _t: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            seen.update(tensors)
+            return tensors
+
+        out = pipe(prompt=prompts, latents=initial.clone(), num_inference_steps=cfg.num_steps, output_type="pt",
+                   callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"], **self.call_kwargs(cfg))
+        return seen["latents"], getattr(out, self.output)
 
     def load_lora(self, pipe: Any, export: Path) -> None:
         """The documented way to load a LoRA export into the stock pipeline."""
@@ -109,8 +116,9 @@ class MaskedLMStock:
         return MaskedLMPipe(model, AutoTokenizer.from_pretrained(folder))
 
     @torch.no_grad()
-    def sample(self, pipe: MaskedLMPipe, prompts: list[str], initial: torch.Tensor, cfg: BackboneConfig,
-               decode: bool = False) -> Any:
+    def sample(self, pipe: MaskedLMPipe, prompts: list[str], initial: torch.Tensor, cfg: BackboneConfig
+               ) -> tuple[torch.Tensor, list[str]]:
+        """``(final token ids, texts)`` of the greedy decode from ``initial`` (all masked)."""
         tok = pipe.tokenizer
         g, length = int(cfg.options["gen_length"]), cfg.max_sequence_length
         ids = torch.full((len(prompts), length), tok.pad_token_id, dtype=torch.long)
@@ -131,10 +139,8 @@ class MaskedLMStock:
             confidence = torch.log_softmax(logits, -1).amax(-1).masked_fill(state != tok.mask_token_id, -torch.inf)
             where = confidence.argsort(dim=1, descending=True, stable=True)[:, :count]
             state.scatter_(1, where, logits.argmax(-1).gather(1, where))
-        if not decode:
-            return state
         rows = [row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row for row in state.tolist()]
-        return [tok.decode(row, skip_special_tokens=True) for row in rows]
+        return state, [tok.decode(row, skip_special_tokens=True) for row in rows]
 
     def load_lora(self, pipe: MaskedLMPipe, export: Path) -> None:
         from peft import PeftModel
@@ -180,7 +186,9 @@ class BackboneCase:
         prompts: two prompts its tokenizer knows.
         stock: its stock loader (:class:`DiffusersStock`, :class:`MaskedLMStock`).
         guidance: backbone overrides for the ODE-equals-stock check (CFG on and off where it has CFG).
-        step_kinds: the ``algo.step_kind`` values it samples with; the first is the default.
+        step_kinds: the ``algo.step_kind`` values the linear stochastic rollout is checked with; the first is the
+            default of the other checks. The flow step families share one implementation
+            (:class:`alignkit.flow.FlowMatchingSampler`): one flow case runs them all.
         noise_level: ``algo.noise_level`` (the flows' SDE level, the masked models' temperature).
         bad: ``(overrides, fragments)``: settings ``check_config`` must refuse before loading, and one text
             fragment per problem it must report, in order.
@@ -200,7 +208,7 @@ class BackboneCase:
     bad: tuple[dict[str, Any], tuple[str, ...]]
     bad_lora_targets: list[str]
     guidance: tuple[dict[str, Any], ...] = ({},)
-    step_kinds: tuple[str, ...] = FLOW_STEP_KINDS
+    step_kinds: tuple[str, ...] = ("flow_grpo",)
     noise_level: float = 0.7
     encoder_rows: int | None = 2
     legacy: Callable[[Path], None] | None = strip_lora_metadata
@@ -239,7 +247,7 @@ CASES: tuple[BackboneCase, ...] = (
         stock=DiffusersStock(StableDiffusion3Pipeline, lambda c: dict(
             guidance_scale=c.guidance_scale, negative_prompt=c.negative_prompt, height=c.height, width=c.width,
             max_sequence_length=c.max_sequence_length), "images"),
-        guidance=({"guidance_scale": 4.5}, {"guidance_scale": 1.0}),
+        guidance=({"guidance_scale": 4.5}, {"guidance_scale": 1.0}), step_kinds=FLOW_STEP_KINDS,
         bad=({"options": {"shift": 3.0}}, ("backbone.options has unknown keys ['shift']",)),
         bad_lora_targets=["no_such_layer"], encoder_rows=4,  # the prompts and the negative prompt, each call
     ),
