@@ -107,7 +107,8 @@ class MaskedLMPipe:
 class MaskedLMStock:
     """A transformers masked LM and a plain greedy MaskGIT-style decode written here, independently of the
     sampler: the ``r_i`` most confident masked positions (untempered, special tokens but the end token
-    excluded, ties to the lower index) take their argmax tokens, for ``reveal_schedule(G, N)`` counts."""
+    excluded, ties to the lower index) take their argmax tokens, ``reveal_schedule(G, N - 1)`` positions at each of
+    the first ``N - 1`` steps (the last step reveals nothing)."""
 
     def load(self, folder: Path, weights: Path | None = None) -> MaskedLMPipe:
         from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -129,9 +130,7 @@ class MaskedLMStock:
             attention[i, length - len(tokens):] = 1
         state = initial.clone()
         forbidden = [i for i in tok.all_special_ids if i != tok.eos_token_id]
-        for count in reveal_schedule(g, cfg.num_steps).tolist():
-            if not count:
-                continue
+        for count in reveal_schedule(g, cfg.num_steps - 1).tolist():  # the last of the N steps is the identity
             logits = pipe.model(input_ids=torch.cat([ids, state], 1),
                                 attention_mask=torch.cat([attention, torch.ones_like(state)], 1)).logits[:, -g:]
             logits = logits.float()
