@@ -58,9 +58,32 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return get
 
 
-def _skip(case: BackboneCase, item: str) -> None:
-    if item in case.skip:
-        pytest.skip(case.skip[item])
+@pytest.fixture(scope="module")
+def shared(pretrained: Any) -> Any:
+    """``shared(case, step_kind=None, **overrides)``: a sampler built once per module for its settings, for the
+    checks that only sample with it (they leave it as they found it)."""
+    samplers: dict[str, Any] = {}
+
+    def get(case: BackboneCase, step_kind: str | None = None, **overrides: Any) -> Any:
+        key = f"{step_kind} {case.config(pretrained(case), **overrides)!r}"
+        if key not in samplers:
+            samplers[key] = case.make(pretrained(case), step_kind=step_kind, **overrides)
+        return samplers[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def stock_pipelines(pretrained: Any) -> Any:
+    """``stock_pipelines(case)``: the case's stock pipeline, loaded once per module (without adapters)."""
+    pipes: dict[str, Any] = {}
+
+    def get(case: BackboneCase) -> Any:
+        if case.name not in pipes:
+            pipes[case.name] = case.stock.load(pretrained(case))
+        return pipes[case.name]
+
+    return get
 
 
 def _request(case: BackboneCase, num_seeds: int = 1, seed: int = 7) -> RolloutRequest:
@@ -116,18 +139,18 @@ def _perturb(module: torch.nn.Module, *, lora: bool, seed: int = 0) -> None:
 
 
 @pytest.mark.parametrize(("case", "guidance"), GUIDED)
-def test_ode_rollout_equals_the_stock_pipeline(case: BackboneCase, guidance: dict[str, Any], pretrained: Any) -> None:
-    folder = pretrained(case)
-    sampler = case.make(folder, **guidance)
+def test_ode_rollout_equals_the_stock_pipeline(case: BackboneCase, guidance: dict[str, Any], shared: Any,
+                                               stock_pipelines: Any) -> None:
+    sampler = shared(case, **guidance)
     rollout = _ode(sampler, case)
     assert rollout.nfe == 2 * N_STEPS and len(rollout.transitions) == 0
-    final, samples = case.stock.sample(case.stock.load(folder), list(case.prompts), _initial(sampler), sampler.cfg)
+    final, samples = case.stock.sample(stock_pipelines(case), list(case.prompts), _initial(sampler), sampler.cfg)
     _assert_same(rollout.final_state, final)
     _assert_same(rollout.samples, samples)
 
 
-def test_prompts_are_encoded_once_per_rollout(case: BackboneCase, pretrained: Any) -> None:
-    sampler = case.make(pretrained(case))
+def test_prompts_are_encoded_once_per_rollout(case: BackboneCase, shared: Any) -> None:
+    sampler = shared(case)
     prompts = list(case.prompts)
     first = sampler.encode_prompts(prompts)
     flipped = sampler.encode_prompts(prompts[::-1])
@@ -140,20 +163,24 @@ def test_prompts_are_encoded_once_per_rollout(case: BackboneCase, pretrained: An
     encoders = [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
                 if getattr(pipe, n, None) is not None]
     rows: list[list[int]] = [[] for _ in encoders]
-    for seen, encoder in zip(rows, encoders):
-        encoder.register_forward_hook(
-            lambda _m, args, kwargs, _o, seen=seen: seen.append(int((args[0] if args else kwargs["input_ids"]
-                                                                     ).shape[0])), with_kwargs=True)
-    RolloutEngine(sampler, batch_size=1).run(_request(case), Deterministic().schedule(N_STEPS, 0, torch.Generator()))
-    during = [sum(r) for r in rows]  # 2 batches of 4 steps
-    for r in rows:
-        r.clear()
-    sampler.encode_prompts(prompts)
+    hooks = [encoder.register_forward_hook(
+        lambda _m, args, kwargs, _o, seen=seen: seen.append(int((args[0] if args else kwargs["input_ids"]).shape[0])),
+        with_kwargs=True) for seen, encoder in zip(rows, encoders)]
+    try:
+        ode = Deterministic().schedule(N_STEPS, 0, torch.Generator())
+        RolloutEngine(sampler, batch_size=1).run(_request(case), ode)  # 2 batches of 4 steps
+        during = [sum(r) for r in rows]
+        for r in rows:
+            r.clear()
+        sampler.encode_prompts(prompts)
+    finally:
+        for hook in hooks:
+            hook.remove()
     assert during == [sum(r) for r in rows] == [case.encoder_rows] * len(encoders)
 
 
-def test_branching_rollout_nfe_log_probs_and_seeding(case: BackboneCase, pretrained: Any) -> None:
-    sampler = case.make(pretrained(case))
+def test_branching_rollout_nfe_log_probs_and_seeding(case: BackboneCase, shared: Any) -> None:
+    sampler = shared(case)
     schedule = Branch(children=2).schedule(N_STEPS, 0, torch.Generator().manual_seed(0))
     rollout = RolloutEngine(sampler, batch_size=12).run(_request(case), schedule)
     trunks, branch_steps, k = 2, [0, 1, 2], 2
@@ -182,8 +209,8 @@ def test_branching_rollout_nfe_log_probs_and_seeding(case: BackboneCase, pretrai
 
 @pytest.mark.parametrize(("case", "step_kind"), KINDS)
 def test_every_exploring_step_stores_a_recomputable_transition(case: BackboneCase, step_kind: str,
-                                                                pretrained: Any) -> None:
-    sampler = case.make(pretrained(case), step_kind=step_kind)
+                                                                shared: Any) -> None:
+    sampler = shared(case, step_kind=step_kind)
     rollout = RolloutEngine(sampler, batch_size=2).run(_request(case), AllStochastic().schedule(N_STEPS, 0,
                                                                                                  torch.Generator()))
     tr = rollout.transitions
@@ -195,16 +222,15 @@ def test_every_exploring_step_stores_a_recomputable_transition(case: BackboneCas
     torch.testing.assert_close(again.log_prob(tr.next_state), tr.log_prob, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_reference_is_the_base_model(case: BackboneCase, lora: bool, pretrained: Any) -> None:
-    """Adapter disabled (LoRA) or the frozen copy (full fine-tuning): the reference ignores every update."""
-    lora_cfg = LoraConfig(**{**vars(case.backbone["lora"]), "enabled": lora})
-    sampler = case.make(pretrained(case), lora=lora_cfg)
+def test_reference_is_the_base_model(case: BackboneCase, pretrained: Any) -> None:
+    """LoRA: the reference (adapter disabled) ignores every update of the adapter (full fine-tuning: its frozen copy,
+    checked in the full export test)."""
+    sampler = case.make(pretrained(case))
     cond = sampler.encode_prompts(list(case.prompts))
     x, step = _initial(sampler), torch.tensor([0, N_STEPS - 2])
     with torch.no_grad():
         before = sampler.transition(x, step, cond, stochastic=True)
-        _perturb(sampler.trainable_module(), lora=lora)
+        _perturb(sampler.trainable_module(), lora=True)
         after = sampler.transition(x, step, cond, stochastic=True)
         with sampler.reference():
             ref = sampler.transition(x, step, cond, stochastic=True)
@@ -261,6 +287,8 @@ def test_full_export_samples_in_the_stock_pipeline_as_in_alignkit(case: Backbone
     _perturb(sampler.trainable_module(), lora=False)
     ours = _ode(sampler, case).final_state
     assert _effect(ours, base) > (EFFECT if ours.is_floating_point() else 0)
+    with sampler.reference():  # the frozen copy made at construction: the update does not reach it
+        _assert_same(_ode(sampler, case).final_state, base)
     sampler.save_trainable(tmp_path / "export")
     stock = case.stock.load_full(folder, tmp_path / "export")
     _assert_same(ours, case.stock.sample(stock, list(case.prompts), _initial(sampler), sampler.cfg)[0])
