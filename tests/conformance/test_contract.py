@@ -33,7 +33,10 @@ from alignkit.types import index_batch
 
 N_STEPS = 4  # every case samples 4 steps
 TOL = 1e-5
-EFFECT = 1000 * TOL  # the adapter / the fine-tune must change the output by far more than the tolerance
+EXPORT_TOL = 1e-4
+"""Exports are compared under a deliberately large adapter, which amplifies float32 rounding differences between
+two equal computations done in other batch shapes (e.g. a negative prompt encoded once vs once per prompt)."""
+EFFECT = 1000 * EXPORT_TOL  # the adapter / the fine-tune must change the output by far more than the tolerance
 
 GUIDED = [pytest.param(c, g, id=f"{c.name}-{i}") for c in CASES for i, g in enumerate(c.guidance)]
 KINDS = [pytest.param(c, k, id=f"{c.name}-{k}") for c in CASES for k in c.step_kinds]
@@ -101,10 +104,10 @@ def _initial(sampler: Any) -> torch.Tensor:
     return sampler.initial_state([sample_generator(7, 0, i, 0) for i in range(2)])
 
 
-def _assert_same(ours: Any, theirs: Any) -> None:
+def _assert_same(ours: Any, theirs: Any, tol: float = TOL) -> None:
     """Float tensors equal to float tolerance; token ids and texts exactly."""
     if isinstance(ours, torch.Tensor) and ours.is_floating_point():
-        torch.testing.assert_close(ours, theirs, rtol=TOL, atol=TOL)
+        torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
     elif isinstance(ours, torch.Tensor):
         assert torch.equal(ours, theirs)
     else:
@@ -126,13 +129,20 @@ def _assert_equal_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
 
 
 def _perturb(module: torch.nn.Module, *, lora: bool, seed: int = 0) -> None:
-    """Move the trainable weights far from their start (LoRA B starts at zero: the adapter would do nothing)."""
+    """Move the trainable weights far from where they start, the same way whatever ran before: LoRA A drawn as peft's
+    gaussian init draws it (std 1 / rank, but from a seeded generator), LoRA B (zero at the start: no effect) std 0.3;
+    under full fine-tuning every weight gets noise of std 0.05."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if not p.requires_grad or (lora and "lora_B" not in name):
+            if not p.requires_grad:
                 continue
-            p.add_(torch.randn(p.shape, generator=g) * (0.3 if lora else 0.05))
+            if not lora:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            elif "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[0])
+            elif "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 # --- sampling -------------------------------------------------------------------------------------------------
@@ -259,7 +269,7 @@ def test_lora_export_samples_in_the_stock_pipeline_as_in_alignkit(case: Backbone
     sampler.save_trainable(export)
     stock = case.stock.load(folder)
     case.stock.load_lora(stock, export)
-    _assert_same(ours, case.stock.sample(stock, list(case.prompts), _initial(sampler), sampler.cfg)[0])
+    _assert_same(ours, case.stock.sample(stock, list(case.prompts), _initial(sampler), sampler.cfg)[0], EXPORT_TOL)
 
     # alignkit resumes from it, refuses it under other LoRA settings, and still reads the layout it wrote before
     trained = _trainable(sampler)
@@ -291,7 +301,7 @@ def test_full_export_samples_in_the_stock_pipeline_as_in_alignkit(case: Backbone
         _assert_same(_ode(sampler, case).final_state, base)
     sampler.save_trainable(tmp_path / "export")
     stock = case.stock.load_full(folder, tmp_path / "export")
-    _assert_same(ours, case.stock.sample(stock, list(case.prompts), _initial(sampler), sampler.cfg)[0])
+    _assert_same(ours, case.stock.sample(stock, list(case.prompts), _initial(sampler), sampler.cfg)[0], EXPORT_TOL)
     fresh = case.make(folder, lora=full)
     fresh.load_trainable(tmp_path / "export")
     _assert_equal_tensors(_trainable(fresh), _trainable(sampler))
@@ -303,7 +313,6 @@ def test_full_export_samples_in_the_stock_pipeline_as_in_alignkit(case: Backbone
 def test_gradient_checkpointing_gives_the_same_gradients(case: BackboneCase, pretrained: Any) -> None:
     grads = []
     for checkpointing in (False, True):
-        torch.manual_seed(0)  # peft draws LoRA A from the global RNG
         sampler = case.make(pretrained(case), gradient_checkpointing=checkpointing)
         _perturb(sampler.trainable_module(), lora=True)
         cond = sampler.encode_prompts(list(case.prompts))
