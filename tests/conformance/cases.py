@@ -193,9 +193,9 @@ class BackboneCase:
             fragment per problem it must report, in order.
         bad_lora_targets: LoRA targets matching no layer of the tiny model.
         encoder_rows: rows each text encoder sees per ``encode_prompts`` of the 2 prompts once the sampler
-            has encoded its negative prompt (None: no text encoder).
+            has encoded its negative prompt.
         legacy: turns an export into the layout alignkit wrote before (None: the layout did not change).
-        skip: contract items that do not apply, with the reason.
+        skip: contract items that do not apply, with the reason (``encoder``: prompts encoded once per rollout).
     """
 
     name: str
@@ -209,7 +209,7 @@ class BackboneCase:
     guidance: tuple[dict[str, Any], ...] = ({},)
     step_kinds: tuple[str, ...] = ("flow_grpo",)
     noise_level: float = 0.7
-    encoder_rows: int | None = 2
+    encoder_rows: int = 2
     legacy: Callable[[Path], None] | None = strip_lora_metadata
     skip: dict[str, str] = field(default_factory=dict)
 
@@ -304,7 +304,7 @@ CASES: tuple[BackboneCase, ...] = (
              ("backbone.options has unknown keys ['foo']",
               "backbone.num_steps=6: each step but the final identity step reveals at least one of the 4",
               "backbone.options.scale='std'")),
-        bad_lora_targets=["no_such_layer"], encoder_rows=None, legacy=None,
+        bad_lora_targets=["no_such_layer"], legacy=None,
         skip={"encoder": "the prompt is a token prefix: there is no text encoder to run once"},
     ),
 )
