@@ -16,12 +16,19 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from alignkit.config import BackboneConfig, ConfigError
 from alignkit.flow import FlowMatchingSampler, randn
 from alignkit.fsdp import module_state
-from alignkit.modalities.policy import PolicyModule, float_trainable, inject_peft_lora
+from alignkit.modalities.policy import (
+    PEFT_LAYOUT,
+    LoraLayout,
+    PolicyModule,
+    inject_peft_lora,
+    lora_settings,
+    save_peft_adapter,
+)
 from alignkit.registry import SHIPPED_MODELS
 
 logger = logging.getLogger(__name__)
@@ -166,6 +173,22 @@ class DiffusersFlowSampler(PolicyModule, FlowMatchingSampler):
     transformer with its adapter disabled (or a frozen copy under full fine-tuning).
     """
 
+    lora_layouts: ClassVar[tuple[LoraLayout, ...]] = (LoraLayout(LORA_WEIGHTS_NAME, "transformer."), PEFT_LAYOUT)
+    """diffusers' ``save_lora_weights`` file first; peft's folder for pipelines without diffusers' LoRA loader
+    (and Stable Audio 3 checkpoints written before: ``pytorch_lora_weights.safetensors`` keyed ``transformer.``)."""
+    full_weights_folder: ClassVar[str] = "transformer"
+    valid_options: ClassVar[tuple[str, ...]] = ()
+    """``backbone.options`` keys the adapter reads (:meth:`check_config` refuses others)."""
+
+    @classmethod
+    def check_config(cls, cfg: BackboneConfig, path: str = "backbone") -> list[str]:
+        """Unknown ``backbone.options`` keys (they would be ignored); adapters with more to check override it."""
+        unknown = sorted(set(cfg.options) - set(cls.valid_options))
+        if not unknown:
+            return []
+        valid = ", ".join(cls.valid_options) or "none"
+        return [f"{path}.options has unknown keys {unknown} for {cls.__name__}; valid keys: {valid} (remove them)"]
+
     @property
     def latent_shape(self) -> tuple[int, ...]:
         """Per-sample latent shape (without the batch dimension) of the initial noise."""
@@ -254,57 +277,37 @@ class DiffusersFlowSampler(PolicyModule, FlowMatchingSampler):
     # --- checkpoints ----------------------------------------------------------------------------------
 
     def save_trainable(self, directory: Path, params: dict[str, torch.Tensor] | None = None) -> None:
-        """LoRA: diffusers' ``save_lora_weights`` format (``pipe.load_lora_weights(directory)`` loads it).
+        """Write the trainable weights as a stock diffusers pipeline loads them, at full strength.
 
-        Pipelines without diffusers' LoRA loader (e.g. ``StableAudio3Pipeline``) get the same file, keys
-        prefixed ``transformer.``, plus peft's ``adapter_config.json``: load it with
-        :meth:`load_trainable`, or with peft (``inject_adapter_in_model`` + ``set_peft_model_state_dict``).
-        Full fine-tuning: the transformer's ``save_pretrained`` layout (``config.json`` and one
-        ``diffusion_pytorch_model.safetensors`` in ``transformer/``; ``from_pretrained`` loads it).
+        LoRA, pipelines with diffusers' LoRA loader (SD3, FLUX, Wan): ``save_lora_weights`` with the adapter's
+        settings (rank, alpha, targets) in the file's ``lora_adapter_metadata`` header, so that
+        ``pipe.load_lora_weights(directory)`` rebuilds the adapter with its alpha (without them diffusers
+        assumes alpha = rank, i.e. scale 1). Pipelines without it (``StableAudio3Pipeline``): peft's adapter
+        folder (``adapter_config.json`` + ``adapter_model.safetensors``); ``PeftModel.from_pretrained(
+        pipe.transformer, directory)`` adds it to the pipeline's transformer in place.
+        Full fine-tuning: the transformer's ``save_pretrained`` layout in ``transformer/`` (``config.json`` and
+        one ``diffusion_pytorch_model.safetensors``); ``<TransformerClass>.from_pretrained`` loads it.
         """
         directory.mkdir(parents=True, exist_ok=True)
         transformer = self.pipe.transformer
         if self.cfg.lora.enabled:
+            if not hasattr(self.pipeline_class, "save_lora_weights"):
+                save_peft_adapter(transformer, directory, params)
+                return
             from peft.utils import get_peft_model_state_dict
 
-            layers = get_peft_model_state_dict(transformer, state_dict=params)
-            if hasattr(self.pipeline_class, "save_lora_weights"):
-                self.pipeline_class.save_lora_weights(
-                    directory, transformer_lora_layers=layers, safe_serialization=True
-                )
-            else:
-                save_file({f"transformer.{k}": v.contiguous() for k, v in layers.items()},
-                          str(directory / LORA_WEIGHTS_NAME))
-                transformer.peft_config["default"].save_pretrained(str(directory))
+            self.pipeline_class.save_lora_weights(
+                directory, transformer_lora_layers=get_peft_model_state_dict(transformer, state_dict=params),
+                transformer_lora_adapter_metadata=lora_settings(transformer), safe_serialization=True,
+            )
         elif params is None:
-            transformer.save_pretrained(directory / "transformer", safe_serialization=True)
+            transformer.save_pretrained(directory / self.full_weights_folder, safe_serialization=True)
         else:  # gathered from the shards: the same layout, written from the given tensors
-            target = directory / "transformer"
+            target = directory / self.full_weights_folder
             target.mkdir(parents=True, exist_ok=True)
             transformer.save_config(target)
             state = {k: v.contiguous() for k, v in module_state(transformer, params).items()}
             save_file(state, str(target / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-
-    def load_trainable(self, directory: Path) -> None:
-        transformer = self.pipe.transformer
-        if self.cfg.lora.enabled:
-            from peft.utils import set_peft_model_state_dict
-
-            path = directory / LORA_WEIGHTS_NAME
-            state = load_file(path)
-            state = {k.removeprefix("transformer."): v for k, v in state.items()}
-            result = set_peft_model_state_dict(transformer, state)
-            unexpected = getattr(result, "unexpected_keys", []) or []
-            if unexpected:
-                raise ValueError(f"{path}: {len(unexpected)} LoRA keys do not match the model, e.g. {unexpected[:3]}")
-        else:
-            from safetensors.torch import load_model
-
-            files = sorted((directory / "transformer").glob("*.safetensors"))
-            if len(files) != 1:
-                raise FileNotFoundError(f"expected one safetensors file in {directory / 'transformer'}, got {files}")
-            load_model(transformer, files[0], strict=True)
-        float_trainable(transformer)
 
     # --- helpers for subclasses -----------------------------------------------------------------------
 

@@ -16,11 +16,15 @@ from alignkit.cli import main
 from alignkit.compose import load_run_config
 from alignkit.metrics import read_metrics
 from alignkit.modalities.diffusers_common import LORA_WEIGHTS_NAME, absent_components, resolve_pretrained
+from alignkit.plans import Deterministic
+from alignkit.rollout import RolloutEngine, RolloutRequest, sample_generator
 from alignkit.trainer import Trainer
 
 pytestmark = pytest.mark.integration
 
 CASES = {"sd3_tiny_flow_grpo": StableDiffusion3Pipeline, "flux_tiny_flow_grpo": FluxPipeline}
+NEGATIVE = {"sd3_tiny_flow_grpo": lambda c: {"negative_prompt": c.negative_prompt},
+            "flux_tiny_flow_grpo": lambda c: {}}  # FLUX.1 is guidance-distilled: no negative prompt
 
 
 def _overrides(out: Path, epochs: int) -> list[str]:
@@ -62,6 +66,20 @@ def test_train_checkpoint_resume(recipe: str, tmp_path: Path) -> None:
         assert all(torch.equal(loaded[n].detach(), v) for n, v in expected.items()), folder
         pipe.unload_lora_weights()
     assert any(not torch.equal(ema[plain_lora_name(n)], v) for n, v in lora1.items())  # EMA lags the weights
+    # ... at the trained alpha: the stock pipeline with the exported adapter samples what alignkit samples with
+    # the EMA weights (what its held-out evaluation uses) from the same noise
+    pipe.load_lora_weights(ckpt / "trainable")
+    sampler, c = trainer.sampler, trainer.cfg.backbone
+    request = RolloutRequest(prompts=["a red circle"], prompt_ids=[0], metadata=[{}], num_seeds=1, seed=7, iteration=0)
+    ode = Deterministic().schedule(c.num_steps, 0, torch.Generator())
+    with trainer.ema.swapped():
+        ours = RolloutEngine(sampler, batch_size=1).run(request, ode)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt=request.prompts, latents=sampler.initial_state([sample_generator(7, 0, 0, 0)]),
+                  num_inference_steps=c.num_steps, guidance_scale=c.guidance_scale, height=c.height, width=c.width,
+                  max_sequence_length=c.max_sequence_length, output_type="latent", **NEGATIVE[recipe](c)).images
+    torch.testing.assert_close(theirs, ours.final_state, rtol=1e-5, atol=1e-5)
+    pipe.unload_lora_weights()
 
     # resume through the real CLI: continues from the saved step and ends where an uninterrupted run ends
     assert main(["train", recipe, *_overrides(out, 3)]) == 0

@@ -1,5 +1,6 @@
-"""Wan text-to-video adapter: the flow math on 5-D latents, the ODE against diffusers' WanPipeline, branching
-rollouts, configuration errors and a tiny TempFlow-GRPO training run (tiny random pipelines, offline)."""
+"""Wan specifics: the flow math on 5-D latents, per-token timesteps, the released UniPC scheduler and a tiny
+TempFlow-GRPO training run (tiny random pipelines, offline). The sampler contract (ODE against WanPipeline,
+branching, prompts encoded once, reference, export, configuration errors) is in tests/conformance."""
 
 from __future__ import annotations
 
@@ -13,29 +14,18 @@ from safetensors.torch import load_file
 from weight_checks import WeightWatch, ema_lora_tensors, plain_lora_name
 
 from alignkit.checkpoint import latest_checkpoint
-from alignkit.config import BackboneConfig, ConfigError, LoraConfig
+from alignkit.config import BackboneConfig, LoraConfig
 from alignkit.flow import GaussianStep, flow_grpo_step
 from alignkit.metrics import read_metrics
 from alignkit.modalities.diffusers_common import LORA_WEIGHTS_NAME, resolve_pretrained
 from alignkit.modalities.video.tiny import TINY_WAN_FLOW_SHIFT, build_tiny_wan_pipeline
 from alignkit.modalities.video.wan import WanSampler, flow_euler_scheduler
-from alignkit.plans import Branch, Deterministic
-from alignkit.registry import SAMPLERS
+from alignkit.plans import Deterministic
 from alignkit.rollout import RolloutEngine, RolloutRequest, sample_generator
-from alignkit.types import index_batch
 
 PROMPTS = ["a red circle", "two blue squares"]
 N_STEPS, FRAMES, SIZE = 4, 9, 32
 LATENT = (16, 3, 4, 4)  # [C, f, h, w] of a 9-frame 32 x 32 clip
-
-
-
-@pytest.fixture(scope="module")
-def wan_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Wan pipeline with the flow-matching Euler scheduler, saved with ``save_pretrained``."""
-    folder = tmp_path_factory.mktemp("wan")
-    build_tiny_wan_pipeline(seed=0, scheduler="euler").save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 def _backbone(pretrained: str | Path, **kw: object) -> BackboneConfig:
@@ -80,28 +70,6 @@ def test_flow_math_is_shape_agnostic_on_video_latents() -> None:
 # -- the adapter against diffusers -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("guidance", "negative"), [(5.0, "blurry, low quality"), (1.0, "")])
-def test_ode_rollout_equals_wan_pipeline(wan_folder: Path, guidance: float, negative: str) -> None:
-    sampler = _sampler(wan_folder, guidance_scale=guidance, negative_prompt=negative)
-    assert sampler.modality == "video" and sampler.do_cfg == (guidance > 1)
-    engine = RolloutEngine(sampler, batch_size=2)
-    rollout = engine.run(_request(), Deterministic().schedule(N_STEPS, 0, torch.Generator()))
-    assert rollout.nfe == 2 * N_STEPS and len(rollout.transitions) == 0
-    assert rollout.final_state.shape == (2, *LATENT)
-    assert rollout.samples.shape == (2, FRAMES, 3, SIZE, SIZE)
-    assert rollout.samples.min() >= 0 and rollout.samples.max() <= 1
-
-    pipe = WanPipeline.from_pretrained(wan_folder)
-    pipe.set_progress_bar_config(disable=True)
-    latents = sampler.initial_state([sample_generator(7, 0, i, 0) for i in range(2)])
-    kw = dict(prompt=PROMPTS, negative_prompt=negative or None, latents=latents, num_inference_steps=N_STEPS,
-              guidance_scale=guidance, height=SIZE, width=SIZE, num_frames=FRAMES, max_sequence_length=16)
-    ref_latents = pipe(**kw, output_type="latent").frames
-    torch.testing.assert_close(rollout.final_state, ref_latents, rtol=1e-5, atol=1e-5)
-    ref_frames = pipe(**kw, output_type="pt").frames
-    torch.testing.assert_close(rollout.samples, ref_frames, rtol=1e-5, atol=1e-5)
-
-
 def test_per_token_timesteps_equal_wan_pipeline(tmp_path: Path) -> None:
     """Wan2.2 TI2V pipelines (``expand_timesteps``) give the transformer one (equal) timestep per latent token;
     the adapter's per-sample timestep reproduces them."""
@@ -136,69 +104,6 @@ def test_released_unipc_scheduler_becomes_flow_euler_with_its_shift() -> None:
     assert shifted.config.shift == 5.0
     with pytest.raises(ValueError, match="flow-matching"):
         flow_euler_scheduler(UniPCMultistepScheduler(), None)
-
-
-def test_branching_rollout_shapes_nfe_and_log_probs(wan_folder: Path) -> None:
-    sampler = _sampler(wan_folder)
-    schedule = Branch(children=2).schedule(N_STEPS, 0, torch.Generator().manual_seed(0))
-    rollout = RolloutEngine(sampler, batch_size=16).run(_request(num_seeds=2), schedule)
-    trunks, branch_steps, k = 4, [0, 1, 2], 2
-    n = trunks * len(branch_steps) * k
-    assert len(rollout.keys) == n and rollout.samples.shape == (n, FRAMES, 3, SIZE, SIZE)
-    assert rollout.final_state.shape == (n, *LATENT)
-    # trunk up to and including the last branch step, then every child finishes the steps after its branch step
-    assert rollout.nfe == trunks * (max(branch_steps) + 1 + k * sum(N_STEPS - 1 - s for s in branch_steps)) == 60
-    tr = rollout.transitions
-    assert tr.state.shape == tr.next_state.shape == (n, *LATENT)
-    assert torch.equal(tr.step, rollout.keys.branch_step) and (tr.scale > 0).all()
-    assert torch.isfinite(tr.log_prob).all()
-    rows = torch.arange(4)
-    cond = index_batch(rollout.cond, rollout.keys.prompt_index[tr.sample_index[rows]])
-    with torch.no_grad():
-        again = sampler.transition(tr.state[rows], tr.step[rows], cond, stochastic=True)
-    torch.testing.assert_close(again.log_prob(tr.next_state[rows]), tr.log_prob[rows], rtol=0, atol=1e-5)
-
-
-def test_prompts_are_encoded_once_and_the_negative_prompt_once_per_sampler(wan_folder: Path) -> None:
-    sampler = _sampler(wan_folder, negative_prompt="blurry")
-    rows: list[int] = []
-    sampler.pipe.text_encoder.register_forward_hook(lambda _m, args, _o: rows.append(int(args[0].shape[0])))
-    first = sampler.encode_prompts(PROMPTS)
-    second = sampler.encode_prompts(PROMPTS[::-1])
-    assert rows == [2, 1, 2]  # prompts, the negative prompt (once), prompts again
-    assert first["prompt_embeds"].shape == first["negative_prompt_embeds"].shape == (2, 16, 32)
-    torch.testing.assert_close(second["prompt_embeds"], first["prompt_embeds"].flip(0))
-    torch.testing.assert_close(second["negative_prompt_embeds"], first["negative_prompt_embeds"])
-
-
-def test_gradient_checkpointing_gives_the_same_gradients(wan_folder: Path) -> None:
-    grads = []
-    for ckpt in (False, True):
-        torch.manual_seed(0)
-        sampler = _sampler(wan_folder, gradient_checkpointing=ckpt)
-        cond = sampler.encode_prompts(PROMPTS)
-        gens = [sample_generator(1, i) for i in range(2)]
-        x, step = sampler.initial_state(gens), torch.tensor([1, 2])
-        with torch.no_grad():
-            nxt = sampler.transition(x, step, cond, stochastic=True).sample(gens)
-        sampler.train(True)
-        sampler.transition(x, step, cond, stochastic=True).log_prob(nxt).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in sampler.trainable_module().named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    assert all(".attn1." in n or ".attn2." in n for n in grads[0])  # LoRA on self- and cross-attention
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7)
-
-
-def test_bad_video_settings_fail_before_loading(tmp_path: Path) -> None:
-    cfg = _backbone(tmp_path / "absent", num_frames=10, height=40, options={"shift": 3})
-    problems = WanSampler.check_config(cfg)
-    assert len(problems) == 3
-    assert "backbone.num_frames=10" in problems[0] and "4k+1" in problems[0] and "9 or 13" in problems[0]
-    assert "backbone.height=40" in problems[1] and "multiple of 16" in problems[1]
-    assert "backbone.options" in problems[2] and "flow_shift" in problems[2]
-    with pytest.raises(ConfigError, match=r"num_frames=10"):  # not FileNotFoundError: nothing was loaded
-        WanSampler.from_config(cfg, step_kind="flow_grpo", noise_level=0.7, device="cpu")
 
 
 # -- training ----------------------------------------------------------------------------------------------
@@ -242,5 +147,3 @@ def test_wan_tiny_tempflow_grpo_trains(tmp_path: Path) -> None:
         stock.unload_lora_weights()
 
 
-def test_wan_is_a_registered_sampler() -> None:
-    assert SAMPLERS.get("wan") is WanSampler

@@ -110,8 +110,9 @@ class StableAudio3Sampler(DiffusersFlowSampler):
     ODE follow the deterministic Euler steps; note that ping-pong *is* the CPS step family at noise level 1
     (``algo.step_kind=cps algo.noise_level=1.0``), so the distilled sampler's own exploration is available.
     Not supported: ``silence_padding_duration`` (always 0) and the audio-to-audio / inpainting pipelines.
-    LoRA goes through peft directly (the SA3 DiT has no diffusers adapter mixin); checkpoints are saved as
-    ``pytorch_lora_weights.safetensors`` + peft's ``adapter_config.json``.
+    LoRA goes through peft directly (the SA3 DiT has no diffusers adapter mixin); checkpoints are peft adapter folders
+    (``adapter_config.json`` + ``adapter_model.safetensors``): ``PeftModel.from_pretrained(pipe.transformer, folder)``
+    adds the trained adapter to a stock pipeline's transformer.
     """
 
     pipeline_class: ClassVar[type] = StableAudio3Pipeline

@@ -24,19 +24,16 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from alignkit.config import BackboneConfig, ConfigError
 from alignkit.fsdp import module_state
 from alignkit.modalities.diffusers_common import DTYPES, looks_like_hub_id, resolve_pretrained
 from alignkit.modalities.discrete.masked import SCALES, SCHEDULES, MaskedDiffusionSampler
-from alignkit.modalities.policy import PolicyModule, float_trainable
+from alignkit.modalities.policy import PolicyModule, save_peft_adapter
 from alignkit.types import Conditioning
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."  # the key prefix of a PeftModel's saved adapter
 OPTIONS = {"gen_length": 8, "scale": "masked_fraction", "schedule": "cosine", "end_token": None}
 
 
@@ -136,6 +133,11 @@ class MaskedLMSampler(PolicyModule, MaskedDiffusionSampler):
             )
         model.to(self._device)
         self._init_policy(model, cfg.lora)
+        if cfg.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ValueError(f"backbone.gradient_checkpointing=true: {type(model).__name__} does not support "
+                                 "gradient checkpointing; set backbone.gradient_checkpointing=false")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     @property
     def model(self) -> torch.nn.Module:
@@ -219,42 +221,14 @@ class MaskedLMSampler(PolicyModule, MaskedDiffusionSampler):
     # --- checkpoints ----------------------------------------------------------------------------------
 
     def save_trainable(self, directory: Path, params: dict[str, torch.Tensor] | None = None) -> None:
-        """LoRA: peft's adapter layout (``adapter_config.json`` + ``adapter_model.safetensors``; ``PeftModel.
-        from_pretrained(base, directory)`` loads it). Full fine-tuning: ``save_pretrained`` of model and tokenizer."""
+        """LoRA: peft's adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``; ``PeftModel.
+        from_pretrained(base, directory)`` loads it). Full fine-tuning: ``save_pretrained`` of model and tokenizer
+        in ``model/``. :meth:`load_trainable` (:class:`~alignkit.modalities.policy.PolicyModule`) reads both."""
         directory.mkdir(parents=True, exist_ok=True)
         if self.cfg.lora.enabled:
-            from peft.utils import get_peft_model_state_dict
-
-            layers = get_peft_model_state_dict(self.model, state_dict=params)
-            state = {PEFT_PREFIX + k: v.detach().contiguous() for k, v in layers.items()}
-            save_file(state, str(directory / ADAPTER_WEIGHTS_NAME))
-            self.model.peft_config["default"].save_pretrained(str(directory))
+            save_peft_adapter(self.model, directory, params)
         else:
             state = None if params is None else module_state(self.model, params)
-            self.model.save_pretrained(directory / "model", safe_serialization=True, state_dict=state)
-            self.tokenizer.save_pretrained(directory / "model")
-
-    def load_trainable(self, directory: Path) -> None:
-        if self.cfg.lora.enabled:
-            from peft.utils import set_peft_model_state_dict
-
-            path = directory / ADAPTER_WEIGHTS_NAME
-            state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(path)).items()}
-            result = set_peft_model_state_dict(self.model, state)
-            unexpected = getattr(result, "unexpected_keys", []) or []
-            if unexpected:
-                raise ValueError(f"{path}: {len(unexpected)} LoRA keys do not match the model, e.g. {unexpected[:3]}")
-        else:
-            from safetensors.torch import load_model
-
-            files = sorted((directory / "model").glob("*.safetensors"))
-            if len(files) != 1:
-                raise FileNotFoundError(f"expected one safetensors file in {directory / 'model'}, got {files}")
-            missing, unexpected = load_model(self.model, files[0], strict=False)
-            loaded = {id(p) for n, p in self.model.named_parameters(remove_duplicate=False) if n not in missing}
-            untied = [n for n, p in self.model.named_parameters(remove_duplicate=False) if n in missing
-                      and id(p) not in loaded]  # tied weights are saved once, under another name
-            if unexpected or untied:
-                raise ValueError(f"{files[0]} does not match the model: unexpected keys {unexpected[:3]}, "
-                                 f"missing {untied[:3]}")
-        float_trainable(self.model)
+            target = directory / self.full_weights_folder
+            self.model.save_pretrained(target, safe_serialization=True, state_dict=state)
+            self.tokenizer.save_pretrained(target)
