@@ -313,10 +313,12 @@ class _Handler(BaseHTTPRequestHandler):
         t0 = time.perf_counter()
         request = self._read_request()
         scores = self._score(request)
-        self._reply(HTTPStatus.OK, encode_scores(scores))
+        body = encode_scores(scores)
         invalid = sum(s is None for s in scores)
+        # logged before the reply: a client that reads its answer and then stops the server finds the line
         logger.info("scored %d %s in %.1f ms%s", len(scores), request.samples.kind, 1e3 * (time.perf_counter() - t0),
                     f" ({invalid} could not be scored)" if invalid else "")
+        self._reply(HTTPStatus.OK, body)
 
     def _read_request(self) -> ScoreRequest:
         length = self.headers.get("Content-Length")

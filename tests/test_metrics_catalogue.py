@@ -28,7 +28,9 @@ def test_every_entry_is_explained() -> None:
 @pytest.mark.integration
 def test_every_logged_key_is_in_the_catalogue_and_every_entry_is_logged(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    code = main(["train", "sd3_tiny_flow_grpo", "train.epochs=2", f"output_dir={out}", "train.prompts_per_epoch=2",
+    # the adaptive plan logs its plan/* metrics too: every entry of the catalogue appears in one run
+    code = main(["train", "sd3_tiny_flow_grpo", "algo=tempflow_grpo_adaptive", "algo.plan.options.budget=1",
+                 "train.epochs=2", f"output_dir={out}", "train.prompts_per_epoch=2",
                  "algo.num_seeds=2", "train.rollout_batch_size=4", "train.train_batch_size=4",
                  "backbone.num_steps=3", "eval.before_after=true", "eval.every=1", "eval.num_prompts=2",
                  "+reward.big={fn: jpeg_incompressibility, weight: 0.5}"])

@@ -60,7 +60,8 @@ def _env() -> dict[str, str]:
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {f"trainable.{k}": v for k, v in load_file(str(folder / "trainable" / LORA_WEIGHTS_NAME)).items()}
-    out.update({f"raw.{k}": v for k, v in load_file(str(folder / "trainable_raw" / LORA_WEIGHTS_NAME)).items()})
+    if (folder / "trainable_raw").is_dir():  # EMA on: the raw weights beside the exported EMA ones
+        out.update({f"raw.{k}": v for k, v in load_file(str(folder / "trainable_raw" / LORA_WEIGHTS_NAME)).items()})
     out.update({f"state.{k}": v for k, v in load_file(str(folder / "state.safetensors")).items()})
     return out
 
