@@ -218,6 +218,40 @@ def test_training_gradients_reach_only_the_adapter(folder: Path) -> None:
     assert all(p.grad is None for name in ("text_encoder", "vae") for p in getattr(sampler.pipe, name).parameters())
 
 
+def _lora_grads(sampler: QwenImageSampler) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    for p in sampler.trainable_parameters():  # LoRA B starts at zero: give every adapter an effect
+        p.data.normal_(0, 0.05)
+    cond = sampler.encode_prompts(PROMPTS)
+    gens = [sample_generator(1, i) for i in range(2)]
+    x, step = sampler.initial_state(gens), torch.tensor([1, 2])
+    with torch.no_grad():
+        nxt = sampler.transition(x, step, cond, stochastic=True).sample(gens)
+    sampler.train(True)
+    sampler.transition(x, step, cond, stochastic=True).log_prob(nxt).sum().backward()
+    sampler.train(False)
+    return {n: p.grad.clone() for n, p in sampler.trainable_module().named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(folder: Path) -> None:
+    plain = _lora_grads(_sampler(folder))
+    checkpointed = _lora_grads(_sampler(folder, gradient_checkpointing=True))
+    assert plain.keys() == checkpointed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-4, atol=1e-7)
+
+
+def test_bfloat16_backbone_samples_close_to_float32(folder: Path) -> None:
+    """bf16 frozen weights (the GPU recipe's dtype): float32 LoRA and states, images near the float32 ones."""
+    sampler = _sampler(folder, dtype="bfloat16")
+    assert sampler.pipe.transformer.img_in.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in sampler.trainable_parameters())
+    rollout = _ode(sampler)
+    assert rollout.final_state.dtype == torch.float32 and torch.isfinite(rollout.samples).all()
+    reference = _ode(_sampler(folder)).samples
+    assert (rollout.samples - reference).abs().mean() < 0.01  # measured 0.001
+
+
 def test_bad_resolution_and_settings_are_refused_before_loading(folder: Path, tmp_path: Path) -> None:
     hub = _backbone(Path("Qwen/Qwen-Image"), height=520, width=512, max_sequence_length=2000, options={"shift": 3})
     problems = QwenImageSampler.check_config(hub)
