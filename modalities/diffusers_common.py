@@ -120,6 +120,50 @@ def looks_like_hub_id(source: str) -> bool:
     return not source.startswith((".", "/", "~")) and source.count("/") == 1 and " " not in source
 
 
+def local_pipeline_folder(pretrained: str) -> Path | None:
+    """The local pipeline folder ``pretrained`` names, when it can be read without loading or building it.
+
+    A local folder or a shipped ``builtin:`` model (with ``model_index.json``), or a tiny ``builtin:`` pipeline
+    already built into the cache; None for a hub id, an unbuilt builtin or a shipped model whose weights are
+    not built yet (loading raises with the command that builds them).
+    """
+    if pretrained.startswith("builtin:"):
+        name = pretrained.removeprefix("builtin:")
+        if is_shipped(name):
+            try:
+                return Path(resolve_pretrained(pretrained))
+            except FileNotFoundError:
+                return None
+        folder = builtin_cache_dir() / name
+        return folder if (folder / "model_index.json").is_file() else None
+    folder = Path(pretrained).expanduser()
+    return folder if (folder / "model_index.json").is_file() else None
+
+
+def component_config(pretrained: str, component: str) -> dict[str, Any]:
+    """``<component>/config.json`` of the pipeline ``pretrained`` names when it is readable without loading
+    (:func:`local_pipeline_folder`), else ``{}``: shape checks before any model loads fall back to the released
+    checkpoint's values and run again on the loaded pipeline."""
+    folder = local_pipeline_folder(pretrained)
+    path = None if folder is None else folder / component / "config.json"
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def resolution_shift_kwargs(scheduler_config: Any, num_steps: int, image_seq_len: int) -> dict[str, Any]:
+    """``set_timesteps`` arguments of the FLUX / Qwen-Image pipelines: sigmas ``linspace(1, 1/N, N)`` and the
+    resolution-dependent shift ``mu`` of ``image_seq_len`` packed latent tokens (``calculate_shift`` with the
+    scheduler's ``base/max_image_seq_len`` and ``base/max_shift``)."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    cfg = scheduler_config
+    mu = calculate_shift(
+        image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+        cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
+    )
+    return {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps), "mu": mu}
+
+
 def absent_components(source: str) -> dict[str, None]:
     """Components a local pipeline folder saved as absent (``[null, null]``), to pass as None on loading.
 
@@ -324,6 +368,16 @@ class DiffusersFlowSampler(PolicyModule, FlowMatchingSampler):
     def model_timestep(self, step: torch.Tensor) -> torch.Tensor:
         """``[B]`` model timesteps for schedule indices ``step``."""
         return self._timesteps.to(self._device)[step.cpu()].to(self._device)
+
+    def vae_decode_normalized(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B, C, F, h, w]`` normalised per channel by the VAE's ``latents_mean`` / ``latents_std``
+        (Wan, Qwen-Image: 5-D causal VAEs) to pixels ``[B, 3, F', H, W]`` in [0, 1] (float32)."""
+        vae = self.pipe.vae
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean, device=latents.device, dtype=vae.dtype).view(shape)
+        std = torch.tensor(vae.config.latents_std, device=latents.device, dtype=vae.dtype).view(shape)
+        pixels = vae.decode(latents.to(vae.dtype) * std + mean, return_dict=False)[0]  # [B, 3, F', H, W] in [-1, 1]
+        return (pixels.float() / 2 + 0.5).clamp(0, 1)
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Unscaled latents ``[B, C, h, w]`` to images ``[B, 3, H, W]`` in [0, 1] (float32)."""

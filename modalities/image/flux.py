@@ -5,13 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from diffusers import FluxPipeline
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from alignkit.flow import randn
-from alignkit.modalities.diffusers_common import DiffusersFlowSampler, register_builtin
+from alignkit.modalities.diffusers_common import DiffusersFlowSampler, register_builtin, resolution_shift_kwargs
 from alignkit.types import Conditioning
 
 
@@ -37,14 +35,8 @@ class FluxSampler(DiffusersFlowSampler):
         return self.pipe.transformer.config.in_channels // 4
 
     def _schedule_kwargs(self) -> dict[str, Any]:
-        n = self.cfg.num_steps
         h, w = self.latent_hw
-        cfg = self.pipe.scheduler.config
-        mu = calculate_shift(
-            (h // 2) * (w // 2), cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
-        )
-        return {"sigmas": np.linspace(1.0, 1 / n, n), "mu": mu}
+        return resolution_shift_kwargs(self.pipe.scheduler.config, self.cfg.num_steps, (h // 2) * (w // 2))
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,34 +27,45 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from tokenizers import Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import WordLevel
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, trainers
+from tokenizers.models import BPE, WordLevel
 from tokenizers.processors import TemplateProcessing
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
     T5Config,
     T5EncoderModel,
 )
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 __all__ = [
     "BOS_TOKEN",
     "DEFAULT_VOCAB_WORDS",
     "EOS_TOKEN",
     "PAD_TOKEN",
+    "QWEN_SPECIAL_TOKENS",
     "SD3_MID_TRANSFORMER",
+    "TINY_QWEN_IMAGE_SIZE",
     "TINY_VAE_SCALE_FACTOR",
     "UNK_TOKEN",
     "build_tiny_flux_pipeline",
+    "build_tiny_qwen_image_pipeline",
+    "build_tiny_qwen_tokenizer",
     "build_tiny_sd3_pipeline",
     "build_tiny_tokenizer",
     "clip_text_config",
@@ -200,6 +212,8 @@ def tiny_image_size(pipe_or_sample_size: DiffusionPipeline | int = 32) -> int:
     """
     if isinstance(pipe_or_sample_size, int):
         return pipe_or_sample_size * TINY_VAE_SCALE_FACTOR
+    if isinstance(pipe_or_sample_size, QwenImagePipeline):  # its VAE records no sample size
+        return TINY_QWEN_IMAGE_SIZE
     return int(pipe_or_sample_size.vae.config.sample_size)
 
 
@@ -425,6 +439,150 @@ def build_tiny_flux_pipeline(
     return pipe
 
 
+QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|video_pad|>",
+)
+"""Special tokens of the tiny Qwen tokenizer, as in Qwen2.5-VL's (``<|endoftext|>`` pads; the chat markers frame the
+prompt template; the vision ids are the text encoder config's image / video token ids)."""
+
+_QWEN_LATENT_SIZE = 8
+#: Pixel height / width the tiny Qwen-Image pipeline is called with by default (latent 8 x VAE factor 4).
+TINY_QWEN_IMAGE_SIZE = 32
+
+
+def _qwen_prompt_template() -> tuple[str, int]:
+    """``QwenImagePipeline``'s prompt template and the number of template-prefix tokens its ``encode_prompt`` drops,
+    read from the installed diffusers (a pipeline without components) rather than copied."""
+    bare = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
+    return bare.prompt_template_encode, bare.prompt_template_encode_start_idx
+
+
+def build_tiny_qwen_tokenizer(vocab_words: list[str] | None = None) -> Qwen2Tokenizer:
+    """Builds a tiny byte-level BPE ``Qwen2Tokenizer`` in-process, without any download.
+
+    The merges are learnt (``tokenizers``' BPE trainer, deterministic) from ``QwenImagePipeline``'s prompt
+    template and the vocabulary words, so the template's system prefix is exactly
+    ``prompt_template_encode_start_idx`` (34) tokens, as with the real Qwen2.5-VL tokenizer: ``encode_prompt``
+    drops the same prefix. Any text tokenizes (byte-level fallback); words of the vocabulary, with or without a
+    leading space, are one token each. Right padding with ``<|endoftext|>``, as Qwen2.5-VL.
+
+    Args:
+        vocab_words: Words to learn merges for. Defaults to :data:`DEFAULT_VOCAB_WORDS`.
+
+    Raises:
+        RuntimeError: the template prefix does not tokenize to the pipeline's drop index (a diffusers change).
+    """
+    words = list(DEFAULT_VOCAB_WORDS if vocab_words is None else vocab_words)
+    template, drop = _qwen_prompt_template()
+    backend = Tokenizer(BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(
+        vocab_size=1 << 16, min_frequency=1, show_progress=False, special_tokens=list(QWEN_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator([template.format(""), " ".join(words), *words], trainer)
+    vocab, merges = _bpe_vocab_and_merges(backend)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS[1:]])
+    prefix = len(tokenizer(template.split("{}")[0]).input_ids)
+    if prefix != drop:
+        raise RuntimeError(f"the tiny Qwen tokenizer splits QwenImagePipeline's template prefix into {prefix} tokens, "
+                           f"but encode_prompt drops {drop}; the installed diffusers changed its template")
+    return tokenizer
+
+
+def _bpe_vocab_and_merges(backend: Tokenizer) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The vocabulary and the merges (in rank order) of a trained BPE ``backend``."""
+    model = json.loads(backend.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return model["vocab"], merges
+
+
+def build_tiny_qwen_image_pipeline(seed: int = 0, *, dtype: torch.dtype = torch.float32) -> QwenImagePipeline:
+    """Builds a tiny random Qwen-Image pipeline offline.
+
+    Shapes mirror Qwen-Image at toy scale: a Qwen2.5-VL text encoder (2 layers of width 32, multimodal RoPE
+    sections ``(2, 2, 4)``, a 1-block vision tower the pipeline never calls) whose last hidden states feed a
+    2-block MMDiT (2 heads of 16 dims, RoPE axes ``(4, 6, 6)``) over 2x2-packed latents of a 4-channel causal
+    video VAE (``AutoencoderKLQwenImage``) that downsamples space by 4 (``vae_scale_factor`` 4, so height and
+    width are multiples of 8), with non-trivial per-channel ``latents_mean`` / ``latents_std``, and Qwen-Image's
+    released scheduler settings (dynamic exponential shift, ``max_image_seq_len`` 8192, ``shift_terminal`` 0.02).
+
+    Args:
+        seed: Seed for all random weights; the global torch RNG state is restored afterwards.
+        dtype: Dtype of every module.
+
+    Returns:
+        The pipeline on CPU, every module in eval mode (as after ``from_pretrained``), progress bar off, and
+        ``default_sample_size`` set so that omitting height / width gives :data:`TINY_QWEN_IMAGE_SIZE` pixels
+        (restored by :func:`load_tiny_pipeline`, not by a plain ``QwenImagePipeline.from_pretrained``).
+    """
+    text_dim, latent_channels = 32, 4
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = build_tiny_qwen_tokenizer()
+        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+        torch.manual_seed(seed)
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=4 * latent_channels,  # 2x2 packed latents
+            out_channels=latent_channels,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=text_dim,
+            guidance_embeds=False,
+            axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+        )
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKLQwenImage(
+            base_dim=16,
+            z_dim=latent_channels,
+            dim_mult=[1, 2, 4],
+            num_res_blocks=1,
+            temperal_downsample=[False, True],  # vae_scale_factor = 2 ** 2
+            latents_mean=[0.1, -0.2, 0.3, 0.0],
+            latents_std=[1.5, 0.8, 1.2, 2.0],
+        )
+        torch.manual_seed(seed + 2)
+        config = Qwen2_5_VLConfig(
+            text_config={
+                "vocab_size": len(tokenizer), "hidden_size": text_dim, "intermediate_size": 2 * text_dim,
+                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+                "max_position_embeddings": 2048, "rope_theta": 1_000_000.0,
+                "rope_scaling": {"rope_type": "default", "mrope_section": [2, 2, 4]},  # sums to head_dim / 2
+                "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+                "pad_token_id": ids["<|endoftext|>"],
+            },
+            vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                           "out_hidden_size": text_dim, "fullatt_block_indexes": [0]},
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        )
+        text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=1.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=0.9,
+            base_image_seq_len=256,
+            max_image_seq_len=8192,
+            shift_terminal=0.02,
+            time_shift_type="exponential",
+        )
+
+    pipe = QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+    pipe.default_sample_size = _QWEN_LATENT_SIZE  # QwenImagePipeline hard-codes 128 (1024 px) otherwise
+    _finalize(pipe, dtype)
+    return pipe
+
+
 def save_tiny_pipeline(pipe: DiffusionPipeline, path: str | Path) -> Path:
     """Saves a pipeline with ``save_pretrained`` in safetensors format.
 
@@ -467,5 +625,7 @@ def load_tiny_pipeline(
     pipe = pipeline_cls.from_pretrained(path, **kwargs)
     if isinstance(pipe, FluxPipeline) and pipe.vae is not None:
         pipe.default_sample_size = int(pipe.vae.config.sample_size) // int(pipe.vae_scale_factor)
+    if isinstance(pipe, QwenImagePipeline):
+        pipe.default_sample_size = _QWEN_LATENT_SIZE
     pipe.set_progress_bar_config(disable=True)
     return pipe

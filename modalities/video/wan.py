@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,10 +13,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from alignkit.config import BackboneConfig, ConfigError
 from alignkit.modalities.diffusers_common import (
     DiffusersFlowSampler,
-    builtin_cache_dir,
-    is_shipped,
+    component_config,
     register_builtin,
-    resolve_pretrained,
 )
 from alignkit.types import Conditioning
 
@@ -31,21 +28,6 @@ OPTIONS = ("flow_shift",)
 _WAN_TEMPORAL, _WAN_SPATIAL, _WAN_PATCH = 4, 8, 2
 
 
-def _local_folder(pretrained: str) -> Path | None:
-    """The local pipeline folder ``pretrained`` names, when it can be read without loading or building it."""
-    if pretrained.startswith("builtin:"):
-        name = pretrained.removeprefix("builtin:")
-        if is_shipped(name):
-            try:
-                return Path(resolve_pretrained(pretrained))
-            except FileNotFoundError:  # weights not built: loading raises with the command that builds them
-                return None
-        folder = builtin_cache_dir() / name  # a built builtin; an unbuilt one is checked again after loading
-        return folder if (folder / "model_index.json").is_file() else None
-    folder = Path(pretrained).expanduser()
-    return folder if (folder / "model_index.json").is_file() else None
-
-
 def compression(pretrained: str) -> tuple[int, int]:
     """``(temporal factor, spatial multiple)`` that ``num_frames - 1`` and height / width must be multiples of.
 
@@ -54,14 +36,8 @@ def compression(pretrained: str) -> tuple[int, int]:
     already built ``builtin:`` pipeline; a hub id (not downloaded yet) gets the released Wan values (4, 8 x 2),
     and every pipeline is checked again with its loaded VAE (``WanPipeline.vae_scale_factor_*``).
     """
-    folder = _local_folder(pretrained)
-    vae: dict[str, Any] = {}
-    transformer: dict[str, Any] = {}
-    if folder is not None:
-        for name, target in (("vae", vae), ("transformer", transformer)):
-            path = folder / name / "config.json"
-            if path.is_file():
-                target.update(json.loads(path.read_text()))
+    vae = component_config(pretrained, "vae")
+    transformer = component_config(pretrained, "transformer")
     temporal = vae.get("scale_factor_temporal") or _WAN_TEMPORAL
     spatial = vae.get("scale_factor_spatial") or _WAN_SPATIAL
     patch = transformer.get("patch_size") or (1, _WAN_PATCH, _WAN_PATCH)
@@ -211,12 +187,7 @@ class WanSampler(DiffusersFlowSampler):
     @torch.no_grad()
     def decode(self, state: torch.Tensor) -> torch.Tensor:
         """Latents ``[B, C, f, h, w]`` to frames ``[B, F, 3, H, W]`` in [0, 1] (float32), as ``WanPipeline``."""
-        vae = self.pipe.vae
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean, device=state.device, dtype=vae.dtype).view(shape)
-        std = torch.tensor(vae.config.latents_std, device=state.device, dtype=vae.dtype).view(shape)
-        video = vae.decode(state.to(vae.dtype) * std + mean, return_dict=False)[0]  # [B, 3, F, H, W] in [-1, 1]
-        return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+        return self.vae_decode_normalized(state).permute(0, 2, 1, 3, 4)
 
 
 @register_builtin("tiny-wan")
