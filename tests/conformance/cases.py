@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import FluxPipeline, StableAudio3Pipeline, StableDiffusion3Pipeline, WanPipeline
+from diffusers import FluxPipeline, QwenImagePipeline, StableAudio3Pipeline, StableDiffusion3Pipeline, WanPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -29,8 +29,13 @@ from alignkit.modalities.discrete.masked import reveal_schedule
 from alignkit.modalities.discrete.mlm import MaskedLMSampler
 from alignkit.modalities.discrete.tiny import build_char_tokenizer, build_tiny_masked_lm, save_masked_lm
 from alignkit.modalities.image.flux import FluxSampler
+from alignkit.modalities.image.qwen_image import QwenImageSampler
 from alignkit.modalities.image.sd3 import SD3Sampler
-from alignkit.modalities.image.tiny import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+from alignkit.modalities.image.tiny import (
+    build_tiny_flux_pipeline,
+    build_tiny_qwen_image_pipeline,
+    build_tiny_sd3_pipeline,
+)
 from alignkit.modalities.policy import ADAPTER_WEIGHTS_NAME, PEFT_PREFIX
 from alignkit.modalities.video.tiny import build_tiny_wan_pipeline
 from alignkit.modalities.video.wan import WanSampler
@@ -258,6 +263,21 @@ CASES: tuple[BackboneCase, ...] = (
             guidance_scale=c.guidance_scale, height=c.height, width=c.width,
             max_sequence_length=c.max_sequence_length), "images"),
         bad=({"options": {"flow_shift": 3.0}}, ("backbone.options has unknown keys ['flow_shift']",)),
+        bad_lora_targets=["no_such_layer"],
+    ),
+    BackboneCase(
+        name="qwen_image", sampler=QwenImageSampler,
+        build=lambda f: build_tiny_qwen_image_pipeline(seed=0).save_pretrained(f, safe_serialization=True),
+        backbone={**_image(), "max_sequence_length": 32, "guidance_scale": 4.0, "negative_prompt": " ",
+                  # not attn.add_q_proj: the last block discards its text stream, so that adapter gets no gradient
+                  "lora": LoraConfig(rank=4, alpha=8, target_modules=[
+                      "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_v_proj"])},
+        prompts=("a red circle", "two blue squares"),
+        stock=DiffusersStock(QwenImagePipeline, lambda c: dict(
+            true_cfg_scale=c.guidance_scale, negative_prompt=c.negative_prompt if c.guidance_scale > 1 else None,
+            height=c.height, width=c.width, max_sequence_length=c.max_sequence_length), "images"),
+        guidance=({"guidance_scale": 4.0}, {"guidance_scale": 1.0}),
+        bad=({"options": {"shift": 3.0}}, ("backbone.options has unknown keys ['shift']",)),
         bad_lora_targets=["no_such_layer"],
     ),
     BackboneCase(
