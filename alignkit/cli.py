@@ -18,7 +18,6 @@ import argparse
 import difflib
 import json
 import logging
-import math
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -107,9 +106,8 @@ def cmd_train(args: list[str]) -> int:
     if _is_main_process():
         write_run_config(cfg.output_dir, cfg, overrides)
     state = trainer.train()
-    last = state.history[-1] if state.history else {}
-    logger.info("done: epoch %d, step %d, last reward %.4g; outputs in %s", state.epoch, state.global_step,
-                last.get("reward/score_mean", math.nan), cfg.output_dir)
+    logger.info("done: epoch %d, step %d; outputs in %s (alignkit report %s writes report.html)", state.epoch,
+                state.global_step, cfg.output_dir, cfg.output_dir)
     return 0
 
 

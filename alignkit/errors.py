@@ -29,3 +29,7 @@ class DistributedError(AlignkitError):
 
 class ModelLoadError(AlignkitError):
     """The backbone named by ``backbone.pretrained`` exists but cannot be loaded (incomplete or corrupt)."""
+
+
+class RunFolderError(AlignkitError):
+    """A folder is not an alignkit run, or runs cannot be summarised or compared as asked."""

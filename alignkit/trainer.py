@@ -25,7 +25,7 @@ from alignkit.checkpoint import (
     restore_checkpoint,
     save_training_checkpoint,
 )
-from alignkit.config import ConfigError, RunConfig
+from alignkit.config import ConfigError, RunConfig, to_dict
 from alignkit.credit import CreditAssigner
 from alignkit.distributed import Gathered, Shard, canonical_order, gather_rollout, on_every_process
 from alignkit.ema import EMA
@@ -38,6 +38,7 @@ from alignkit.plans import ExplorationPlan, PlanSchedule
 from alignkit.prompts import load_prompts
 from alignkit.reward_set import OverlappedScorer, RewardSet
 from alignkit.rollout import RolloutRequest, sample_generator
+from alignkit.summary import describe_run, format_count, format_summary, short_names, write_summary
 from alignkit.types import Credit, Rollout
 from alignkit.update import Updater
 
@@ -234,8 +235,11 @@ class Trainer:
     def train(self) -> TrainState:
         """Train from the current epoch (0, or the resumed checkpoint's) to ``train.epochs``."""
         cfg = self.cfg
+        if self.is_main:
+            logger.info("%s", describe_run(cfg))
         bar = tqdm(total=cfg.train.epochs, initial=self.state.epoch, desc="alignkit", unit="epoch",
                    disable=not self.is_main, dynamic_ncols=True)
+        summary = None
         if cfg.eval.before_after and self.state.epoch == 0:
             before = self.evaluate_heldout("eval_before")
             if self.is_main:
@@ -275,18 +279,33 @@ class Trainer:
                 self.state.history.append(metrics)
                 if self.state.epoch % cfg.train.checkpoint_every == 0 or last:
                     self.save()
+            summary = write_summary(self.out, to_dict(cfg)) if self.is_main else None
         finally:
             bar.close()
             if self.metrics is not None:
                 self.metrics.close()
+        if summary is not None:  # the run is complete: what it did and whether the held-out scores moved
+            tqdm.write(format_summary(summary))
         return self.state
 
     def _postfix(self, metrics: dict[str, float], window: int = 10) -> dict[str, str]:
-        """Progress-bar fields: this epoch's reward, its mean over the last ``window`` epochs (the trend
-        through the per-epoch noise of a few prompts), the latest held-out score of the first reward, KL and
-        clip fraction."""
-        recent = [m["reward/score_mean"] for m in self.state.history[-(window - 1):]] + [metrics["reward/score_mean"]]
-        fields = {"reward": f"{metrics['reward/score_mean']:.3f}", f"avg{window}": f"{sum(recent) / len(recent):.3f}"}
+        """Progress-bar fields: each training reward's mean this epoch (short names), the aggregate (the weighted
+        sum of those means, whatever the aggregation: under normalize_then_sum the aggregated score itself is
+        about 0 by construction), its mean over the last ``window`` epochs (the trend through the noise of a
+        few prompts), the rollout NFE so far, the latest held-out score of the first reward, KL and clip
+        fraction."""
+        weights = {name: term.weight for name, term in self.cfg.reward.items()}
+        labels = short_names(list(weights))
+
+        def aggregate(m: dict[str, float]) -> float:
+            return sum(w * m.get(f"reward/{name}_mean", math.nan) for name, w in weights.items() if w != 0)
+
+        fields = {labels[name]: f"{metrics.get(f'reward/{name}_mean', math.nan):.3f}" for name in weights}
+        recent = [aggregate(m) for m in self.state.history[-(window - 1):]] + [aggregate(metrics)]
+        recent = [v for v in recent if not math.isnan(v)]
+        fields["agg"] = f"{aggregate(metrics):.3f}"
+        fields[f"avg{window}"] = f"{sum(recent) / len(recent):.3f}" if recent else "nan"
+        fields["nfe"] = format_count(float(self.state.nfe_total))
         if self._last_heldout is not None:
             fields["heldout"] = f"{self._last_heldout:.3f}"
         fields["kl"] = f"{metrics.get('train/kl', float('nan')):.2g}"
@@ -322,13 +341,15 @@ class Trainer:
 
     def evaluate_heldout(self, name: str) -> dict[str, float]:
         """Deterministic sampling of the evaluation prompts over all processes (EMA weights when enabled;
-        :func:`alignkit.evaluation.evaluate_heldout`); the main process writes ``samples/<name>.png``.
+        :func:`alignkit.evaluation.evaluate_heldout`); the main process writes ``samples/<name>.png`` and
+        ``eval/<name>.jsonl`` (every sample's scores), each process its samples' files into ``eval/<name>/``.
 
         Returns ``eval/<reward>`` means (NaN-masked) for the training and evaluation-only rewards.
         """
         preview = self.out / "samples" / f"{name}.png" if self.is_main else None
         out = evaluate_heldout(self.sampler, self.eval_reward_set, self.eval_prompts, self.cfg.eval, self.shard,
-                               ema=self.ema, preview=preview)
+                               ema=self.ema, preview=preview, record=self.out / "eval" / name,
+                               epoch=self.state.epoch)
         self._last_heldout = next(iter(out.values()))  # the first training reward
         return out
 
