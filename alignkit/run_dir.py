@@ -47,8 +47,10 @@ AXES: dict[str, tuple[str, str]] = {
 }
 """Compute axes of curves: name -> (the ``metrics.jsonl`` key holding the running total, its label)."""
 
-EVAL_BOOKKEEPING = ("every", "before_after", "batch_size", "checkpoint")
-"""``eval`` fields that do not change held-out scores (left out when runs' evaluation settings are compared)."""
+NOT_EVAL_SETTINGS = ("eval.every", "eval.before_after", "eval.batch_size", "eval.checkpoint", "prompts.train",
+                     "prompts.train_file", "prompts.shuffle", "prompts.options.train_size")
+"""Fields of ``eval`` and ``prompts`` that do not change held-out scores (left out when runs' evaluation settings
+are compared)."""
 BACKBONE_SAMPLING = ("name", "pretrained", "revision", "variant", "dtype", "height", "width", "num_frames",
                      "num_steps", "guidance_scale", "negative_prompt", "max_sequence_length", "options")
 """``backbone`` fields that change what deterministic sampling of the base model produces."""
@@ -279,18 +281,12 @@ class RunDir:
                 "showing what exists so far")
 
     def eval_settings(self) -> dict[str, Any]:
-        """The settings that decide held-out scores of a given model: ``eval`` (bookkeeping left out), the
-        backbone's sampling fields and the prompt source (``{dotted name: value}``)."""
-        out: dict[str, Any] = {}
-        for key, value in (self.setting("eval") or {}).items():
-            if key not in EVAL_BOOKKEEPING:
-                out[f"eval.{key}"] = value
-        for key in BACKBONE_SAMPLING:
-            out[f"backbone.{key}"] = self.setting(f"backbone.{key}")
-        for key, value in (self.setting("prompts") or {}).items():
-            if key not in ("train", "train_file", "shuffle"):
-                out[f"prompts.{key}"] = value
-        return out
+        """The settings that decide held-out scores of a given model (``{dotted name: value}``): the ``eval``
+        section, the backbone's sampling fields and the prompt source, less :data:`NOT_EVAL_SETTINGS`."""
+        sections = {"eval": self.setting("eval") or {}, "prompts": self.setting("prompts") or {},
+                    "backbone": {k: self.setting(f"backbone.{k}") for k in BACKBONE_SAMPLING}}
+        flat = flatten(sections)
+        return {k: v for k, v in flat.items() if not any(k == n or k.startswith(n + ".") for n in NOT_EVAL_SETTINGS)}
 
     # --- held-out evaluations ----------------------------------------------------------------------------
 
@@ -348,6 +344,22 @@ class RunDir:
             out["aggregate"] = (common, [sum(w[k] * xs_by[k][x] for k in w) for x in common])
         return out
 
+    def reward_series(self, axis: str = "epoch") -> dict[str, tuple[list[float], list[float]]]:
+        """Training curves: each reward's mean over the epoch's rollout and ``aggregate`` (the weighted sum of
+        those means, comparable across aggregation modes)."""
+        out = {name: self.series(f"reward/{name}_mean", axis) for name in self.weights}
+        w = {k: v for k, v in self.weights.items() if v != 0}
+        xs, ys = [], []
+        xkey = axis_key(axis)
+        for row in self.metrics:
+            values = [row.get(f"reward/{k}_mean") for k in w]
+            if not w or xkey not in row or any(v is None or not math.isfinite(float(v)) for v in values):
+                continue
+            xs.append(float(row[xkey]))
+            ys.append(sum(wk * float(v) for wk, v in zip(w.values(), values, strict=True)))
+        out["aggregate"] = (xs, ys)
+        return out
+
     def final(self, key: str) -> float | None:
         """The last finite value of ``key`` in ``metrics.jsonl`` (None if never logged)."""
         for row in reversed(self.metrics):
@@ -355,6 +367,16 @@ class RunDir:
             if v is not None and math.isfinite(float(v)):
                 return float(v)
         return None
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested configuration dict as ``{dotted key: leaf value}`` (an empty dict is a leaf)."""
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
 
 
 def axis_key(axis: str) -> str:

@@ -36,6 +36,7 @@ from alignkit.interfaces import Sampler
 from alignkit.metrics import MetricsWriter
 from alignkit.plans import ExplorationPlan, PlanSchedule
 from alignkit.prompts import load_prompts
+from alignkit.provenance import append_environment, environment
 from alignkit.reward_set import OverlappedScorer, RewardSet
 from alignkit.rollout import RolloutRequest, sample_generator
 from alignkit.summary import describe_run, format_count, format_summary, short_names, write_summary
@@ -237,6 +238,8 @@ class Trainer:
         cfg = self.cfg
         if self.is_main:
             logger.info("%s", describe_run(cfg))
+            append_environment(self.out, {"start_epoch": self.state.epoch,
+                                          **environment(self.device, self.shard.world_size)})
         bar = tqdm(total=cfg.train.epochs, initial=self.state.epoch, desc="alignkit", unit="epoch",
                    disable=not self.is_main, dynamic_ncols=True)
         summary = None
