@@ -25,7 +25,7 @@ pre { background: #f7f7f7; padding: 0.6em; overflow-x: auto; font-size: 0.85em; 
 .note { color: #555; font-size: 0.9em; }
 .sample img.pixels { image-rendering: pixelated; }
 .sample img { max-width: 260px; }
-figure { margin: 0.6em 0; } figcaption { font-size: 0.85em; color: #555; }
+figure { margin: 0.6em 0; } figure img { max-width: 100%; height: auto; } figcaption { font-size: 0.85em; color: #555; }
 """
 
 

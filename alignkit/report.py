@@ -45,6 +45,9 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, *, samples:
         RunFolderError: ``run_dir`` is not a run (naming it) or one of its files is unreadable.
         ImportError: matplotlib is missing (with the install command).
     """
+    if samples < 1:
+        raise ValueError(f"--samples {samples}: must be >= 1 (held-out samples shown among the most and the least "
+                         "changed)")
     run = RunDir.open(run_dir)
     pyplot()  # fail before any work when matplotlib is missing
     path = Path(out) if out is not None else run.path / REPORT_FILE
@@ -116,7 +119,7 @@ def _curve_figure(run: RunDir, axis: str) -> str:
     fig, axs = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
     for ax, name in zip(axs.flat, names, strict=False):
         if name in train and train[name][0]:
-            ax.plot(*train[name], color="tab:blue", alpha=0.7, lw=1.2, label="training rollout")
+            ax.plot(*train[name], ".-", color="tab:blue", alpha=0.7, lw=1.2, ms=3, label="training rollout")
         if name in held and held[name][0]:
             ax.plot(*held[name], "o-", color="tab:orange", ms=4, lw=1, label="held-out")
         weight = run.weights.get(name)
@@ -135,7 +138,8 @@ def changed_samples(before: HeldoutRecord, after: HeldoutRecord, weights: dict[s
                     k: int) -> tuple[list[tuple[Key, float]], list[tuple[Key, float]]]:
     """The ``k`` held-out samples whose score changed most (largest absolute change) and the ``k`` that changed
     least, as ``((prompt id, seed), change)``; the score is the aggregate (weighted sum of the training
-    rewards), or the first reward when the records lack a weighted one. Ties go to the lower prompt id."""
+    rewards), or the first reward when the records lack a weighted one. Ties go to the lower prompt id. With fewer
+    than ``2 k`` samples, the first half (rounded up) counts as most changed and the rest as least."""
     if any(w != 0 and n in after.rewards for n, w in weights.items()):
         a, b = before.aggregate(weights), after.aggregate(weights)
     else:
@@ -143,7 +147,7 @@ def changed_samples(before: HeldoutRecord, after: HeldoutRecord, weights: dict[s
         a, b = before.scores(first), after.scores(first)
     changes = sorted(((key, b[key] - a[key]) for key in a if a[key] is not None and b.get(key) is not None),
                      key=lambda kc: (-abs(kc[1]), kc[0]))
-    most = changes[:k]
+    most = changes[:min(k, (len(changes) + 1) // 2)]
     least = sorted(changes[len(most):], key=lambda kc: (abs(kc[1]), kc[0]))[:k]
     return most, least
 
