@@ -177,9 +177,12 @@ def group_runs(runs: Sequence[RunDir]) -> list[RunGroup]:
 def heldout_curve(run: RunDir, reward: str, axis: str) -> tuple[list[float], list[float]]:
     """A run's held-out curve of ``reward`` (or ``aggregate``) on ``axis``."""
     curves = run.heldout_series(axis)
+    if not curves:
+        raise RunFolderError(f"run {run.path} has no held-out evaluation to compare; train with "
+                             "eval.before_after=true (and eval.every=N for a curve)")
     if reward not in curves:
-        known = ", ".join(curves) or "none"
-        raise RunFolderError(f"--reward {reward}: run {run.path} has no held-out scores of it (held-out: {known})")
+        raise RunFolderError(f"--reward {reward}: run {run.path} has no held-out scores of it; choose one of "
+                             f"{', '.join(curves)}")
     return curves[reward]
 
 
@@ -224,6 +227,10 @@ def compare_runs(paths: Sequence[Path | str], axis: str = "nfe", reward: str = A
         raise RunFolderError(f"run folder given twice: {', '.join(str(p) for p in sorted(seen))}")
     runs = [RunDir.open(p) for p in paths]
     check_comparable(runs)
+    for run in runs:
+        if not run.metrics:
+            raise RunFolderError(f"run {run.path} has no metrics yet (metrics.jsonl is missing or empty: no "
+                                 "evaluation or epoch finished); nothing of it to compare")
     notes = [f"{r.path}: {r.status()}" for r in runs if not r.finished]
     for run in runs:
         if not run.has_axis(axis):

@@ -318,8 +318,9 @@ class RunDir:
         """
         xkey = axis_key(axis)
         if not self.has_axis(axis):
-            raise RunFolderError(f"--axis {axis}: run {self.path} logged no {xkey}; choose another axis "
-                                 f"({', '.join(a for a in AXES if self.has_axis(a))})")
+            have = [a for a in AXES if self.has_axis(a)]
+            fix = f"choose another axis ({', '.join(have)})" if have else "it has no finished epoch yet"
+            raise RunFolderError(f"--axis {axis}: run {self.path} logged no {xkey}; {fix}")
         xs, ys = [], []
         for row in self.metrics:
             y = row.get(key)

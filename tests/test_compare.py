@@ -113,7 +113,7 @@ def test_command_writes_table_and_html(four_runs: dict[str, Path], tmp_path: Pat
 
 
 @pytest.mark.parametrize("case", ["worlds", "eval_seed", "prompts", "samples", "axis", "not_a_run", "twice",
-                                  "no_flops"])
+                                  "no_flops", "no_metrics", "reward"])
 def test_refusals_are_one_line_naming_the_difference(case: str, tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     a = make_run(tmp_path, "a", [], 100.0, BEFORE, AFTER["a0"])
@@ -142,6 +142,14 @@ def test_refusals_are_one_line_naming_the_difference(case: str, tmp_path: Path,
     elif case == "twice":
         other = a
         expected = f"run folder given twice: {a}"
+    elif case == "no_metrics":  # started, nothing finished yet
+        other = make_run(tmp_path, "b", [], 100.0, BEFORE, AFTER["b0"])
+        (other / "metrics.jsonl").unlink()
+        expected = f"run {other} has no metrics yet"
+    elif case == "reward":
+        other = make_run(tmp_path, "b", [], 100.0, BEFORE, AFTER["b0"])
+        args.append("--reward=clip")
+        expected = f"--reward clip: run {a} has no held-out scores of it; choose one of jpeg_compressibility, aggregate"
     else:
         other = make_run(tmp_path, "b", [], 100.0, BEFORE, AFTER["b0"])
         args.append("--axis=flops")
