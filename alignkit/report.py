@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 REPORT_FILE = "report.html"
 CURVE_AXES = ("epoch", "nfe", "flops")
 GIF_HEIGHT = 128
+IMAGE_MAX = 384
+"""Largest side (px) of an image sample inlined in the report (the file in ``eval/`` keeps its full size)."""
 GIF_FRAMES = 24
 
 
@@ -190,9 +192,17 @@ def render_sample(folder: Path, row: dict[str, Any]) -> str:
     suffix = path.suffix.lower()
     if suffix == ".png":
         with Image.open(path) as im:
-            pixels = " class=\"pixels\"" if im.height < 128 else ""
-            width = max(128, im.width) if im.height < 128 else im.width
-        uri = data_uri(path.read_bytes(), "image/png")
+            small = im.height < 128  # drawn larger, pixels kept sharp
+            pixels = " class=\"pixels\"" if small else ""
+            width = max(128, im.width) if small else min(im.width, IMAGE_MAX)
+            if max(im.size) > IMAGE_MAX:  # a large sample is inlined at a reviewable size
+                im.thumbnail((IMAGE_MAX, IMAGE_MAX), Image.LANCZOS)
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+                data = buf.getvalue()
+            else:
+                data = path.read_bytes()
+        uri = data_uri(data, "image/png")
         return f"<img{pixels} width=\"{width}\" alt=\"{escape(row['file'])}\" src=\"{uri}\">"
     if suffix == ".mp4":
         return f"<img alt=\"{escape(row['file'])}\" src=\"{_gif(path)}\">"

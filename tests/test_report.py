@@ -3,7 +3,9 @@ and text (real tiny runs of each modality), unfinished runs and bad input."""
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import os
 import re
@@ -13,9 +15,11 @@ from pathlib import Path
 
 import pytest
 from conftest import train_captured
+from PIL import Image
 
 from alignkit.cli import main
 from alignkit.html_page import page
+from alignkit.report import render_sample
 
 pytestmark = pytest.mark.integration
 
@@ -178,3 +182,13 @@ def test_reports_load_in_headless_chromium(tiny_runs, modality_runs, tmp_path: P
     keep = os.environ.get("ALIGNKIT_REPORT_SCREENSHOTS")  # where to keep the screenshots for a look
     if keep:
         shutil.copytree(tmp_path, keep, dirs_exist_ok=True)
+
+
+def test_large_image_samples_are_inlined_smaller(tmp_path: Path) -> None:
+    Image.new("RGB", (1024, 512), "red").save(tmp_path / "big.png")
+    Image.new("RGB", (32, 32), "blue").save(tmp_path / "small.png")
+    big, small = (render_sample(tmp_path, {"file": name}) for name in ("big.png", "small.png"))
+    data = base64.b64decode(re.search(r"base64,([^\"]+)", big).group(1))
+    assert Image.open(io.BytesIO(data)).size == (384, 192) and 'width="384"' in big
+    assert 'class="pixels" width="128"' in small  # a tiny world's sample is drawn larger, pixels kept sharp
+    assert render_sample(tmp_path, {"file": "gone.png"}) == '<span class="note">missing file gone.png</span>'
