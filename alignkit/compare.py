@@ -146,8 +146,11 @@ def check_comparable(runs: Sequence[RunDir]) -> None:
 
 
 def group_runs(runs: Sequence[RunDir]) -> list[RunGroup]:
-    """Group runs by configuration (:data:`IGNORED` fields left out), in order of first appearance; label each
-    group by its recipe and up to three settings that differ between groups."""
+    """Group runs by configuration (:data:`IGNORED` fields left out), in order of first appearance.
+
+    A group's label is its recipe and the command-line overrides that set it apart (``shapes_tempflow_grpo
+    algo=flow_grpo``); where overrides do not tell the groups apart, the recipe and up to three configuration
+    fields that differ between groups (``algo.name`` and the plan first)."""
     keys: dict[str, list[RunDir]] = {}
     flat: dict[str, dict[str, Any]] = {}
     for run in runs:
@@ -155,18 +158,23 @@ def group_runs(runs: Sequence[RunDir]) -> list[RunGroup]:
         key = json.dumps(cfg, sort_keys=True, default=str)
         keys.setdefault(key, []).append(run)
         flat[key] = cfg
-    differing = sorted({k for cfg in flat.values() for k in cfg
-                        if len({json.dumps(c.get(k), default=str) for c in flat.values()}) > 1},
-                       key=lambda k: (not k.startswith("algo."), k))
-    groups = []
-    for key, members in keys.items():
-        recipe = members[0].setting("recipe") or members[0].name
-        shown = [f"{k}={_fmt(flat[key].get(k))}" for k in differing[:3]]
-        label = recipe + (f" ({', '.join(shown)})" if shown and len(keys) > 1 else "")
-        groups.append(RunGroup(label, members))
-    labels = [g.label for g in groups]
+    recipes = {key: members[0].setting("recipe") or members[0].name for key, members in keys.items()}
+    overrides = {key: [o for o in members[0].overrides if not _ignored(o.split("=", 1)[0].lstrip("+~"))]
+                 for key, members in keys.items()}
+    shared = set.intersection(*(set(o) for o in overrides.values())) if overrides else set()
+    labels = {key: " ".join([recipes[key], *(o for o in overrides[key] if o not in shared)]) for key in keys}
+    if len(set(labels.values())) < len(labels):
+        first = ("algo.name", "algo.plan.name", "algo.step_kind")
+        differing = sorted({k for cfg in flat.values() for k in cfg
+                            if len({json.dumps(c.get(k), default=str) for c in flat.values()}) > 1},
+                           key=lambda k: (k not in first, not k.startswith("algo."), k))
+        for key in keys:
+            shown = [f"{k}={_fmt(flat[key].get(k))}" for k in differing[:3]]
+            labels[key] = recipes[key] + (f" ({', '.join(shown)})" if shown else "")
+    groups = [RunGroup(labels[key], members) for key, members in keys.items()]
+    names = [g.label for g in groups]
     for i, g in enumerate(groups):
-        if labels.count(g.label) > 1:
+        if names.count(g.label) > 1:
             g.label = f"{g.label} #{i + 1}"
     return groups
 
