@@ -186,3 +186,17 @@ def test_compare_real_runs(tiny_runs, tmp_path: Path, capsys: pytest.CaptureFixt
                                    for s in range(2)) for p in range(3)]
     assert c.results[1].paired.mean == pytest.approx(statistics.fmean(per_prompt), abs=1e-9)
     assert c.results[1].paired.n == 3
+
+
+def test_unfinished_run_is_compared_as_far_as_it_got(four_runs: dict[str, Path],
+                                                      capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    partial = four_runs["b0"]
+    rows = (partial / "metrics.jsonl").read_text().splitlines()
+    (partial / "metrics.jsonl").write_text("\n".join(rows[:2]) + "\n")  # epoch 1 done, no evaluation since
+    (partial / "eval" / "eval_after.jsonl").unlink()
+    assert main(["compare", str(four_runs["a0"]), str(partial), "--axis", "epoch", "-o", str(tmp_path / "c.html"),
+                 "-q"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {partial}: not finished: 1 of 2 epochs done" in out
+    # its latest held-out evaluation is the one before training: equal compute is epoch 0
+    assert "equal compute: 0 on axis epoch" in out
