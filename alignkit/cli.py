@@ -5,6 +5,8 @@
     alignkit show  [RECIPE] [KEY=VALUE ...]    print the composed, validated configuration as YAML
     alignkit list  [KIND]                      recipes, config group options, registered components
     alignkit serve-reward NAME [--host H] [--port P] [--kwargs JSON]    serve a reward over HTTP
+    alignkit report RUN_DIR [-o HTML]          a self-contained report.html of a run
+    alignkit compare RUN [RUN ...] [--axis epoch|nfe|flops|time]    runs grouped by recipe, at equal compute
     alignkit --version
 
 RECIPE is a shipped recipe name (``alignkit list``) or a path to your own YAML recipe file; options
@@ -18,7 +20,6 @@ import argparse
 import difflib
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -51,6 +52,9 @@ COMMANDS = {
     **RECIPE_COMMANDS,
     "list": "list recipes (no KIND), a config group's options or a registry's components",
     "serve-reward": "serve a reward over HTTP",
+    "report": "write a self-contained report.html of a run: held-out table, curves, before/after samples",
+    "compare": "compare runs grouped by recipe: curves on one compute axis, scores at equal compute, paired "
+               "held-out differences",
 }
 OVERRIDES_HELP = """\
 RECIPE: a name from `alignkit list` or a path to your own YAML recipe file (ending in .yaml; its defaults
@@ -118,9 +122,8 @@ def cmd_train(args: list[str]) -> int:
         where = f"the last checkpoint is {last}" if last is not None else "no checkpoint was written"
         logger.error("aborted; %s; rerun the same command to resume", where)
         return 128 + getattr(exc, "signum", signal.SIGINT)
-    last = state.history[-1] if state.history else {}
-    logger.info("done: epoch %d, step %d, last reward %.4g; outputs in %s", state.epoch, state.global_step,
-                last.get("reward/score_mean", math.nan), cfg.output_dir)
+    logger.info("done: epoch %d, step %d; outputs in %s (alignkit report %s writes report.html)", state.epoch,
+                state.global_step, cfg.output_dir, cfg.output_dir)
     return 0
 
 
@@ -208,6 +211,26 @@ def cmd_serve_reward(ns: argparse.Namespace) -> int:
     return run(ns)
 
 
+def cmd_report(ns: argparse.Namespace) -> int:
+    """``alignkit report``: the page is built by :mod:`alignkit.report`."""
+    from alignkit.report import write_report
+
+    path = write_report(ns.run_dir, ns.output, samples=ns.samples)
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    """``alignkit compare``: the numbers come from :mod:`alignkit.compare`."""
+    from alignkit.compare import compare_runs, format_comparison, write_comparison_html
+
+    comparison = compare_runs(ns.runs, axis=ns.axis, reward=ns.reward)
+    sys.stdout.write(format_comparison(comparison) + "\n")
+    sys.stdout.flush()
+    logger.info("comparison page written to %s", write_comparison_html(comparison, ns.output))
+    return 0
+
+
 def _version() -> str:
     try:
         return version("alignkit")
@@ -252,6 +275,25 @@ def command_parser(command: str) -> argparse.ArgumentParser:
             epilog=f"KIND: recipes | {' | '.join(CONFIG_GROUPS)} (config groups) | {' | '.join(REGISTRY_KINDS)} "
                    "(registered components)")
         parser.add_argument("kind", nargs="?", metavar="KIND", help="what to list (default: recipes and the kinds)")
+    elif command == "report":
+        parser = argparse.ArgumentParser(prog="alignkit report", allow_abbrev=False, description=COMMANDS["report"]
+                                         + ". An unfinished run is reported as far as it got, and says so.")
+        parser.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir")
+        parser.add_argument("-o", "--output", default=None, help="the HTML file (default: RUN_DIR/report.html)")
+        parser.add_argument("--samples", type=int, default=4,
+                            help="held-out samples shown among those that changed most, and least (default 4)")
+    elif command == "compare":
+        parser = argparse.ArgumentParser(
+            prog="alignkit compare", allow_abbrev=False, description=COMMANDS["compare"] + ". Runs of one recipe "
+            "(configurations equal but for seed and output_dir) are pooled; the first run's group is the baseline.")
+        parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (output_dir of alignkit train)")
+        parser.add_argument("--axis", default="nfe", metavar="AXIS",
+                            help="compute axis of the curves and of equal compute: epoch, nfe (rollout model "
+                                 "evaluations, default), flops (total model FLOPs) or time (training seconds)")
+        parser.add_argument("--reward", default="aggregate",
+                            help="held-out score compared: aggregate (weighted sum of the training rewards, default) "
+                                 "or a reward's name")
+        parser.add_argument("-o", "--output", default="compare.html", help="the HTML page (default: compare.html)")
     else:
         parser = argparse.ArgumentParser(prog=f"alignkit {command}", description=RECIPE_COMMANDS[command] + ".",
                                          usage=f"alignkit {command} [-h] [-q] [-v] [RECIPE] [KEY=VALUE ...]",
@@ -345,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.debug("added the working directory %s to sys.path", cwd)
     handlers = {"train": lambda: cmd_train(ns.words), "eval": lambda: cmd_eval(ns.words),
                 "show": lambda: cmd_show(ns.words), "list": lambda: cmd_list([ns.kind] if ns.kind else []),
-                "serve-reward": lambda: cmd_serve_reward(ns)}
+                "serve-reward": lambda: cmd_serve_reward(ns), "report": lambda: cmd_report(ns),
+                "compare": lambda: cmd_compare(ns)}
     try:
         with logging_redirect_tqdm():
             refused = _unsupported_launch()

@@ -32,8 +32,9 @@ class ModelLoadError(AlignkitError):
 
 
 class RunFolderError(AlignkitError):
-    """``output_dir`` cannot be used as asked: another run holds it, or resuming it would not continue its run
-    (a changed configuration, no intact checkpoint, ``train.resume=false`` on a folder with checkpoints)."""
+    """A run folder cannot be used as asked: another run holds it, or resuming it would not continue its run
+    (a changed configuration, no intact checkpoint, ``train.resume=false`` on a folder with checkpoints); or a
+    folder is not an alignkit run, or runs cannot be summarised or compared as asked."""
 
 
 class MaskedError(AlignkitError):

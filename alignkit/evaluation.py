@@ -21,6 +21,7 @@ from alignkit.plans import Deterministic
 from alignkit.prompts import PromptSet
 from alignkit.reward_set import RewardSet, RewardTable
 from alignkit.rollout import RolloutEngine, RolloutRequest
+from alignkit.run_dir import record_samples, write_records
 from alignkit.types import Rollout
 
 __all__ = ["evaluate", "evaluate_heldout", "save_preview"]
@@ -50,14 +51,17 @@ def evaluate(
 
 
 def evaluate_heldout(sampler: Sampler, reward_set: RewardSet, prompts: PromptSet, e: EvalConfig, shard: Shard, *,
-                     ema: EMA | None = None, preview: Path | None = None) -> dict[str, float]:
+                     ema: EMA | None = None, preview: Path | None = None, record: Path | None = None,
+                     epoch: int = 0) -> dict[str, float]:
     """Deterministic sampling of the evaluation prompts (EMA weights when ``ema`` is given).
 
     Every process samples and scores an equal, contiguous block of the ``eval.num_prompts`` prompts (the
     last blocks padded with repeats of the last prompt, dropped before the means: under FSDP every process
     must run as many forwards); the reward tables are gathered, so the means are those of all the prompts,
     on every process. With ``preview`` (pass it on the main process), a captioned preview of this process's
-    block is written there.
+    block is written there. With ``record`` (pass it on every process), every sample's scores are written to
+    ``<record>.jsonl`` and its media file into the folder ``<record>`` (:func:`alignkit.run_dir.record_samples`),
+    tagged with ``epoch``.
 
     Returns:
         ``eval/<reward>`` means (NaN-masked) for the training and evaluation-only rewards, the first
@@ -81,6 +85,10 @@ def evaluate_heldout(sampler: Sampler, reward_set: RewardSet, prompts: PromptSet
     parts = shard.gather(raw)
     merged = {k: torch.cat([p[k] for p in parts]) for k in raw}
     out = {f"eval/{k}": float(torch.nanmean(v)) for k, v in merged.items()}
+    if record is not None:
+        rows = shard.gather(record_samples(sampler, rollout, raw, keep, ids, record, epoch))  # writes its files
+        if shard.rank == 0:
+            write_records(record, [row for part in rows for row in part])
     if preview is not None:
         first = next(iter(merged))  # the first training reward
         save_preview(sampler, rollout, raw[first], preview, limit=min(32, int(keep.sum())))

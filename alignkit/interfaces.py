@@ -58,6 +58,10 @@ class Sampler(ABC):
     """
 
     modality: str = "unknown"
+    preview_fps: float = 16
+    """Frames per second of video samples written as mp4 (previews, held-out records)."""
+    sample_rate: int | None = None
+    """Hz of audio samples (audio adapters set it; None for other modalities)."""
 
     @classmethod
     def check_config(cls, cfg: BackboneConfig, path: str = "backbone") -> list[str]:

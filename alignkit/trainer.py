@@ -42,9 +42,11 @@ from alignkit.interrupt import StopRequest
 from alignkit.metrics import MetricsWriter, flat_config, tracker_settings
 from alignkit.plans import ExplorationPlan, PlanSchedule
 from alignkit.prompts import load_prompts
+from alignkit.provenance import append_environment, environment
 from alignkit.reward_set import OverlappedScorer, RewardSet
 from alignkit.rollout import RolloutRequest, sample_generator
 from alignkit.run_folder import ResumeCheck, RunLock, check_resume, check_run_folder, lock_run_folder
+from alignkit.summary import describe_run, format_count, format_summary, short_names, write_summary
 from alignkit.types import Credit, Rollout
 from alignkit.update import Updater
 
@@ -308,8 +310,13 @@ class Trainer:
             NonFiniteError: ``train.max_nonfinite_steps`` was exceeded.
         """
         cfg = self.cfg
+        if self.is_main:
+            logger.info("%s", describe_run(cfg))
+            append_environment(self.out, {"start_epoch": self.state.epoch,
+                                          **environment(self.device, self.shard.world_size)})
         bar = tqdm(total=cfg.train.epochs, initial=self.state.epoch, desc="alignkit", unit="epoch",
                    disable=not self.is_main, dynamic_ncols=True)
+        summary = None
         try:
             with StopRequest() as stop:
                 if cfg.eval.before_after and self.state.epoch == 0:
@@ -322,9 +329,12 @@ class Trainer:
                 while self.state.epoch < cfg.train.epochs:
                     self._stop_if_asked(stop)
                     self._epoch(stop, bar)
+            summary = write_summary(self.out, to_dict(cfg)) if self.is_main else None
         finally:
             bar.close()
             self.close()
+        if summary is not None:  # the run is complete: what it did and whether the held-out scores moved
+            tqdm.write(format_summary(summary))
         return self.state
 
     def _epoch(self, stop: StopRequest, bar: Any) -> None:
@@ -417,11 +427,23 @@ class Trainer:
             )
 
     def _postfix(self, metrics: dict[str, float], window: int = 10) -> dict[str, str]:
-        """Progress-bar fields: this epoch's reward, its mean over the last ``window`` epochs (the trend
-        through the per-epoch noise of a few prompts), the latest held-out score of the first reward, KL and
-        clip fraction."""
-        recent = [m["reward/score_mean"] for m in self.state.history[-(window - 1):]] + [metrics["reward/score_mean"]]
-        fields = {"reward": f"{metrics['reward/score_mean']:.3f}", f"avg{window}": f"{sum(recent) / len(recent):.3f}"}
+        """Progress-bar fields: each training reward's mean this epoch (short names), the aggregate (the weighted
+        sum of those means, whatever the aggregation: under normalize_then_sum the aggregated score itself is
+        about 0 by construction), its mean over the last ``window`` epochs (the trend through the noise of a
+        few prompts), the rollout NFE so far, the latest held-out score of the first reward, KL and clip
+        fraction."""
+        weights = {name: term.weight for name, term in self.cfg.reward.items()}
+        labels = short_names(list(weights))
+
+        def aggregate(m: dict[str, float]) -> float:
+            return sum(w * m.get(f"reward/{name}_mean", math.nan) for name, w in weights.items() if w != 0)
+
+        fields = {labels[name]: f"{metrics.get(f'reward/{name}_mean', math.nan):.3f}" for name in weights}
+        recent = [aggregate(m) for m in self.state.history[-(window - 1):]] + [aggregate(metrics)]
+        recent = [v for v in recent if not math.isnan(v)]
+        fields["agg"] = f"{aggregate(metrics):.3f}"
+        fields[f"avg{window}"] = f"{sum(recent) / len(recent):.3f}" if recent else "nan"
+        fields["nfe"] = format_count(float(self.state.nfe_total))
         if self._last_heldout is not None:
             fields["heldout"] = f"{self._last_heldout:.3f}"
         fields["kl"] = f"{metrics.get('train/kl', float('nan')):.2g}"
@@ -474,13 +496,15 @@ class Trainer:
 
     def evaluate_heldout(self, name: str) -> dict[str, float]:
         """Deterministic sampling of the evaluation prompts over all processes (EMA weights when enabled;
-        :func:`alignkit.evaluation.evaluate_heldout`); the main process writes ``samples/<name>.png``.
+        :func:`alignkit.evaluation.evaluate_heldout`); the main process writes ``samples/<name>.png`` and
+        ``eval/<name>.jsonl`` (every sample's scores), each process its samples' files into ``eval/<name>/``.
 
         Returns ``eval/<reward>`` means (NaN-masked) for the training and evaluation-only rewards.
         """
         preview = self.out / "samples" / f"{name}.png" if self.is_main else None
         out = evaluate_heldout(self.sampler, self.eval_reward_set, self.eval_prompts, self.cfg.eval, self.shard,
-                               ema=self.ema, preview=preview)
+                               ema=self.ema, preview=preview, record=self.out / "eval" / name,
+                               epoch=self.state.epoch)
         self._last_heldout = next(iter(out.values()))  # the first training reward
         return out
 

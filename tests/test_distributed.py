@@ -119,6 +119,14 @@ def test_two_processes_match_one(tmp_path: Path, caplog: pytest.LogCaptureFixtur
         # are gathered
         assert len(held) == (3 if name == RESUMED else 0), (name, held)
         assert all(b == pytest.approx(a, rel=1e-4, abs=1e-7) for a, b in held), (name, held)
+        for record in ("eval_before", "eval_00001", "eval_after") if name == RESUMED else ():
+            # per-sample records: both processes' samples and files, the padding left out
+            rec1, rec2 = ([json.loads(x) for x in (out / name / "eval" / f"{record}.jsonl").read_text().splitlines()]
+                          for out in (one, two))
+            assert [(r["prompt_id"], r["seed"]) for r in rec2] == [(p, 0) for p in range(3)], rec2
+            assert all(b["rewards"]["bright"] == pytest.approx(a["rewards"]["bright"], rel=1e-4, abs=1e-7)
+                       for a, b in zip(rec1, rec2, strict=True))
+            assert all((two / name / "eval" / r["file"]).is_file() for r in rec2)
         rows1, rows2 = ([r for r in rows if r["epoch"] >= 1] for rows in (every1, every2))  # not eval_before
         assert [r["run/processes"] for r in rows2] == [2.0, 2.0] and rows1[0]["run/processes"] == 1.0
         for r1, r2 in zip(rows1, rows2, strict=True):
