@@ -30,7 +30,7 @@ from alignkit.credit import CreditAssigner
 from alignkit.distributed import Gathered, Shard, canonical_order, gather_rollout, on_every_process
 from alignkit.ema import EMA
 from alignkit.errors import NonFiniteError
-from alignkit.evaluation import evaluate, evaluate_heldout, save_preview
+from alignkit.evaluation import evaluate, evaluate_heldout, evaluation_prompts, save_preview
 from alignkit.fsdp import shard_module
 from alignkit.interfaces import Sampler
 from alignkit.metrics import MetricsWriter
@@ -125,7 +125,8 @@ class Trainer:
         # alignkit draws from generators seeded per (seed, epoch, ...); the global RNGs (torch, CUDA, Python,
         # NumPy) are seeded too, for code outside it, and saved in checkpoints
         set_seed(cfg.seed)
-        self.train_prompts, self.eval_prompts = load_prompts(cfg.prompts)
+        self.train_prompts, heldout = load_prompts(cfg.prompts)
+        self.eval_prompts = evaluation_prompts(cfg.eval, heldout)  # eval.prompts, else the held-out split
         # build_sampler is looked up here at call time (tests wrap alignkit.trainer.build_sampler)
         c = build_components(cfg, self.device, sampler=sampler, reward_set=reward_set, make_sampler=build_sampler)
         self.reward_set, self.eval_reward_set, self.sampler = c.reward_set, c.eval_reward_set, c.sampler
