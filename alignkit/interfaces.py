@@ -130,12 +130,19 @@ class Sampler(ABC):
     @staticmethod
     def changed_backbone_problems(check: Any, settings: EvalSettings, cfg: BackboneConfig) -> list[str]:
         """The problems ``check(backbone_config, path)`` finds with ``settings`` in place of the training values that
-        it does not find in ``cfg`` itself (those are reported under ``backbone``), each prefixed with the
-        evaluation settings."""
+        it does not find in ``cfg`` itself (those are reported under ``backbone``), naming the evaluation setting
+        (``backbone.height=40`` becomes ``eval.resolution (height)=40``)."""
         before = set(check(cfg, "backbone"))
-        given = ", ".join(f"{EvalSettings.SETTINGS[k]}: {k}={v}" for k, v in settings.given().items())
-        return [f"with the evaluation settings ({given}) in place of the training values: {p}"
-                for p in check(settings.applied_to(cfg), "backbone") if p not in before]
+        names = {f"backbone.{EvalSettings.BACKBONE[k]}=": EvalSettings.SETTINGS[k] + (
+            "" if EvalSettings.SETTINGS[k].endswith(k) else f" ({k})") + "=" for k in settings.given()}
+        problems = []
+        for problem in check(settings.applied_to(cfg), "backbone"):
+            if problem in before:
+                continue
+            for old, new in names.items():
+                problem = problem.replace(old, new)
+            problems.append(f"evaluation sampling: {problem}")
+        return problems
 
     @classmethod
     def check_eval_settings(cls, settings: EvalSettings, cfg: BackboneConfig | None = None) -> list[str]:

@@ -236,7 +236,7 @@ def test_evaluation_with_more_steps(remote_dlm: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         _trusted(remote_dlm, tmp_path, "eval.num_steps=9")
     msg = str(info.value)
-    assert "eval.num_steps: num_steps=9" in msg and "use 2..5 steps" in msg
+    assert "evaluation sampling: eval.num_steps=9: each step" in msg and "use 2..5 steps" in msg
 
 
 def digit_count(samples: list[str], prompts: list[str], metadata: list[dict]) -> list[float]:
