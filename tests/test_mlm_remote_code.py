@@ -262,3 +262,13 @@ def test_trains_lora_on_the_remote_model(remote_dlm: Path, tmp_path: Path) -> No
     weights = load_file(str(adapter))
     assert weights and all(".q_proj." in k or ".k_proj." in k or ".v_proj." in k or ".attn_out." in k for k in weights)
     assert any(float(v.abs().sum()) > 0 for k, v in weights.items() if "lora_B" in k)  # the update moved LoRA B
+
+
+def test_gradient_checkpointing_is_applied_or_refused(remote_dlm: Path, tmp_path: Path) -> None:
+    cfg = _trusted(remote_dlm, tmp_path, "backbone.gradient_checkpointing=true")
+    with pytest.raises(ValueError, match=r"backbone\.gradient_checkpointing=true: TinyDLMModelLM does not support"):
+        MaskedLMSampler.from_config(cfg.backbone, step_kind="masked_confidence", noise_level=1.0, device="cpu")
+    arithmetic = load_run_config("arithmetic_tempflow_grpo", ["backbone.gradient_checkpointing=true"])
+    sampler = MaskedLMSampler.from_config(arithmetic.backbone, step_kind="masked_confidence", noise_level=1.0,
+                                          device="cpu")
+    assert sampler.model.is_gradient_checkpointing

@@ -228,6 +228,11 @@ class MaskedLMSampler(PolicyModule, MaskedDiffusionSampler):
                 f"exceeds the model's max_position_embeddings={limit}; shorten one of them"
             )
         model.to(self._device)
+        if cfg.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ValueError(f"backbone.gradient_checkpointing=true: {type(model).__name__} does not support "
+                                 "transformers' gradient checkpointing; set backbone.gradient_checkpointing=false")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._init_policy(model, cfg.lora)
 
     @property
