@@ -500,9 +500,9 @@ def _eval_prompts_source_problems(value: str | None) -> list[str]:
     """``eval.prompts`` that is not a file must name a registered prompt source (other than list / file, which
     :meth:`alignkit.config.EvalConfig.validate` refuses)."""
     from alignkit import registry
-    from alignkit.config import MISSING, is_prompt_file
+    from alignkit.config import is_prompt_file, left_to_user
 
-    if value is None or not value.strip() or value in ("list", "file", MISSING) or is_prompt_file(value):
+    if value is None or not value.strip() or value in ("list", "file") or left_to_user(value) or is_prompt_file(value):
         return []
     if value in registry.PROMPT_SOURCES:
         return []

@@ -343,7 +343,7 @@ class PromptsConfig:
     ``source``: ``list`` (inline ``train`` / ``eval`` lists) or ``file`` (``train_file`` / ``eval_file``:
     one prompt per line; ``.jsonl`` rows with a ``prompt`` key and optional metadata; or ``.json``, an array of
     strings or of such objects). Files are UTF-8 (a byte-order mark is dropped); blank prompts are refused. A file
-    written ``???`` in a recipe is one the user must give; it is refused when the prompts load. ``hf``: a Hugging
+    written ``<required>`` in a recipe is one the user must give; it is refused when the prompts load. ``hf``: a Hugging
     Face ``datasets`` dataset (``options``: path, split, eval_split, column, metadata_columns, name; see
     :func:`alignkit.prompts.hf_source`).
     """
@@ -442,7 +442,7 @@ def is_prompt_file(value: str) -> bool:
 def eval_prompts_problems(value: str, path: str) -> list[str]:
     """Problems with ``eval.prompts`` that need no registry: a blank value, a missing file, an inline-only source.
     (A source name is checked against the registry by :func:`alignkit.compose.check_names`.)"""
-    if not value.strip() or value == MISSING:
+    if not value.strip() or left_to_user(value):
         return [f"{path}={value!r}: give a prompt file (.txt, .jsonl or .json) or a prompt source name, or null for "
                 "the held-out split of the recipe's prompts"]
     if value in ("list", "file"):
@@ -456,7 +456,16 @@ def eval_prompts_problems(value: str, path: str) -> list[str]:
 
 
 MISSING = "???"
-"""A value a recipe leaves for the user to give (hydra's mandatory-value marker)."""
+"""Hydra's mandatory-value marker (lost when a recipe merges it over a typed default, hence :data:`REQUIRED`)."""
+
+REQUIRED = "<required>"
+"""A file setting a recipe leaves for the user to give (e.g. ``prompts.train_file: <required>``): the recipe composes
+and validates, ``alignkit show`` prints it, and the run is refused when the prompts load, before any model."""
+
+
+def left_to_user(value: object) -> bool:
+    """Whether ``value`` is a recipe's placeholder for a setting the user must give (:data:`REQUIRED`, ``???``)."""
+    return value in (REQUIRED, MISSING)
 
 
 @dataclass
@@ -511,8 +520,8 @@ class RunConfig:
                 problems.append("prompts.train_file is required with prompts.source=file")
             for key in ("train_file", "eval_file"):
                 value = getattr(self.prompts, key)
-                # ??? (a file the recipe leaves to the user) is refused when the prompts load, before any model
-                if value and value != MISSING and not Path(value).is_file():
+                # a file the recipe leaves to the user is refused when the prompts load, before any model
+                if value and not left_to_user(value) and not Path(value).is_file():
                     what = "is a folder, not a file" if Path(value).is_dir() else "no such file"
                     problems.append(f"prompts.{key}={value!r}: {what}; give the path of a .txt (one prompt per "
                                     "line), .jsonl or .json prompt file")

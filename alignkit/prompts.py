@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from alignkit.config import MISSING, PromptsConfig
+from alignkit.config import PromptsConfig, left_to_user
 from alignkit.registry import PROMPT_SOURCES
 
 
@@ -144,7 +144,7 @@ def file_source(cfg: PromptsConfig) -> tuple[PromptSet, PromptSet]:
         raise ValueError("prompts.train_file is required with prompts.source=file")
     for key, fallback in (("train_file", ""), ("eval_file", ", or prompts.eval_file=null to evaluate on the training "
                                                               "prompts")):
-        if getattr(cfg, key) == MISSING:
+        if left_to_user(getattr(cfg, key)):
             raise ValueError(f"prompts.{key} is required: the recipe leaves it for you to give (its first comment "
                              f"lines say which file); set prompts.{key}=path/to/prompts.txt (one prompt per line) or a "
                              f".jsonl file with a 'prompt' key per row{fallback}")
@@ -168,7 +168,10 @@ def _hf_options(options: dict[str, Any], where: str) -> dict[str, Any]:
     unknown = sorted(set(options) - set(HF_OPTIONS))
     problems = [f"{where}.{k}: unknown option of prompts.source=hf; valid: {', '.join(HF_OPTIONS)}" for k in unknown]
     opts = {**HF_OPTIONS, **options}
-    if not isinstance(opts["path"], str) or not opts["path"].strip():
+    if left_to_user(opts["path"]):
+        problems.append(f"{where}.path is required: the recipe leaves it for you to give (its first comment lines say "
+                        f"which data); set {where}.path to a dataset folder, a local data file or a hub dataset name")
+    elif not isinstance(opts["path"], str) or not opts["path"].strip():
         problems.append(f"{where}.path={opts['path']!r}: required with prompts.source=hf; give a hub dataset name "
                         "(e.g. openai/gsm8k), a folder written by Dataset.save_to_disk, or a local .jsonl / .json / "
                         ".csv / .parquet / .txt file or folder of them")
