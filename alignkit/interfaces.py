@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -128,7 +128,8 @@ class Sampler(ABC):
         return cls.eval_setting_names
 
     @staticmethod
-    def changed_backbone_problems(check: Any, settings: EvalSettings, cfg: BackboneConfig) -> list[str]:
+    def changed_backbone_problems(check: Callable[[BackboneConfig, str], list[str]], settings: EvalSettings,
+                                  cfg: BackboneConfig) -> list[str]:
         """The problems ``check(backbone_config, path)`` finds with ``settings`` in place of the training values that
         it does not find in ``cfg`` itself (those are reported under ``backbone``), naming the evaluation setting
         (``backbone.height=40`` becomes ``eval.resolution (height)=40``)."""
