@@ -233,11 +233,6 @@ class EvalSummary:
         return "\n".join(lines) + "\n" + "".join(f"\n{n}" for n in notes) + ("\n" if notes else "")
 
 
-def _nanmean(values: torch.Tensor) -> float:
-    valid = values[~torch.isnan(values)]
-    return float(valid.mean()) if len(valid) else math.nan
-
-
 def summarize(table: RewardTable, metadata: Sequence[dict[str, Any]], prompts: Sequence[str] | None = None,
               info: dict[str, Any] | None = None) -> EvalSummary:
     """Means of ``table`` overall and per category of the samples' ``metadata`` (:func:`sample_category`).
@@ -257,12 +252,12 @@ def summarize(table: RewardTable, metadata: Sequence[dict[str, Any]], prompts: S
     order = list(dict.fromkeys(cats))
     summary = EvalSummary(
         rewards=names, samples=n, prompts=len(set(prompts)) if prompts is not None else n,
-        mean={k: _nanmean(v) for k, v in table.raw.items()}, invalid=dict(table.invalid), categories=order,
+        mean={k: float(torch.nanmean(v)) for k, v in table.raw.items()}, invalid=dict(table.invalid), categories=order,
         info=dict(info or {}))
     for c in order:
         rows = torch.tensor([i for i, x in enumerate(cats) if x == c], dtype=torch.long)  # [S_c]
         summary.counts[c] = len(rows)
-        summary.by_category[c] = {k: _nanmean(v[rows]) for k, v in table.raw.items()}
+        summary.by_category[c] = {k: float(torch.nanmean(v[rows])) for k, v in table.raw.items()}
     for k in names:
         per = [summary.by_category[c][k] for c in order if math.isfinite(summary.by_category[c][k])]
         summary.overall[k] = (sum(per) / len(per) if per else math.nan) if order else summary.mean[k]
