@@ -100,9 +100,12 @@ def test_geneval_recipes_train_on_generated_prompts_and_hold_out_the_benchmark()
 def test_prompt_files_are_required_and_read_before_any_model(name: str, tmp_path: Path,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "run"
-    assert main(["train", name, f"output_dir={out}"]) == 2
-    assert "prompts.train_file is required" in caplog.text and "Traceback" not in caplog.text
-    assert not out.exists()  # refused before the run folder, the models or the rewards
+    # mixed precision "no": accelerate's process-wide state may already hold it from an earlier test
+    for command in (["train", "train.mixed_precision=no"], ["eval"]):
+        caplog.clear()
+        assert main([command[0], name, f"output_dir={out}", *command[1:]]) == 2
+        assert "prompts.train_file is required" in caplog.text and "Traceback" not in caplog.text
+        assert not out.exists()  # refused before the run folder, the models or the rewards
     train_file, eval_file = tmp_path / "train.txt", tmp_path / "test.jsonl"
     train_file.write_text('a sign that says "open"\na red bicycle\n')
     eval_file.write_text(json.dumps({"prompt": "a cat", "category": "photo"}) + "\n")
