@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import logging
 import os
 import signal
@@ -128,16 +127,17 @@ def cmd_train(args: list[str]) -> int:
 
 
 def cmd_eval(args: list[str]) -> int:
-    import torch
-
     from alignkit.build import build_sampler, resolve_device
-    from alignkit.evaluation import evaluate
+    from alignkit.evaluation import evaluate, evaluation_prompts, summarize, write_report
+    from alignkit.interfaces import EvalSettings
     from alignkit.prompts import load_prompts
     from alignkit.reward_set import RewardSet
 
     recipe, overrides = _split(args)
-    cfg = load_run_config(recipe, overrides)
-    _, eval_prompts = load_prompts(cfg.prompts)
+    cfg = load_run_config(recipe, overrides)  # eval settings the backbone cannot sample are refused here
+    _, heldout = load_prompts(cfg.prompts)
+    eval_prompts = evaluation_prompts(cfg.eval, heldout)  # before any model loads
+    settings = EvalSettings.from_config(cfg.eval)
     sampler = build_sampler(cfg, resolve_device(cfg.device))
     if cfg.eval.checkpoint:
         ckpt = Path(cfg.eval.checkpoint)
@@ -145,21 +145,19 @@ def cmd_eval(args: list[str]) -> int:
     rewards = RewardSet.from_config({**cfg.reward, **cfg.eval.rewards}, cfg.algo.reward_aggregation)
     rollout, table = evaluate(sampler, rewards, eval_prompts, seed=cfg.eval.seed,
                               seeds_per_prompt=cfg.eval.seeds_per_prompt, batch_size=cfg.eval.batch_size,
-                              limit=cfg.eval.num_prompts)
+                              limit=cfg.eval.num_prompts, settings=settings)
+    info = {"recipe": cfg.recipe, "checkpoint": cfg.eval.checkpoint,
+            "prompts": cfg.eval.prompts or f"held-out split of prompts (source {cfg.prompts.source})",
+            "num_prompts": min(cfg.eval.num_prompts, len(eval_prompts)), "seeds_per_prompt": cfg.eval.seeds_per_prompt,
+            "seed": cfg.eval.seed, "settings": settings.describe(cfg.backbone)}
+    summary = summarize(table, rollout.sample_metadata, rollout.sample_prompts, info)
     out = Path(cfg.output_dir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, prompt in enumerate(rollout.sample_prompts):
-        rows.append({"prompt": prompt, **{k: float(v[i]) for k, v in table.raw.items()}})
-    summary = {k: float(torch.nanmean(v)) for k, v in table.raw.items()}
-    (out / "rewards.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_report(out, rollout, table, summary)
     name = next(iter(table.raw))
     caps = [f"{p} | {name}={float(table.raw[name][i]):.3g}" for i, p in enumerate(rollout.sample_prompts)]
     sampler.save_samples(rollout.samples, caps, out / "grid.png")
-    width = max(len(k) for k in summary)
-    print("\n".join(f"{k:<{width}}  {v:.4f}" for k, v in summary.items()))  # noqa: T201 - the command's output
-    logger.info("eval table and grid in %s", out)
+    sys.stdout.write(summary.markdown())  # the command's output: the table
+    logger.info("eval table (table.md, summary.json), per-sample rewards and grid in %s", out)
     return 0
 
 

@@ -476,9 +476,16 @@ def check_names(cfg: RunConfig) -> list[str]:
             continue
         problems.append(f"{path}={value!r}: unknown {reg.kind} name; valid: {', '.join(reg.names())}")
     if cfg.backbone.name in registry.SAMPLERS:
-        check = getattr(registry.SAMPLERS.get(cfg.backbone.name), "check_config", None)
+        sampler = registry.SAMPLERS.get(cfg.backbone.name)
+        check = getattr(sampler, "check_config", None)
         if check is not None:
             problems += check(cfg.backbone, "backbone")
+        check_eval = getattr(sampler, "check_eval_settings", None)
+        if check_eval is not None:
+            from alignkit.interfaces import EvalSettings
+
+            problems += check_eval(EvalSettings.from_config(cfg.eval), cfg.backbone)
+    problems += _eval_prompts_source_problems(cfg.eval.prompts)
     if cfg.algo.plan.name in registry.EXPLORATION_PLANS:
         try:
             plan = alignkit.plans.build_plan(cfg.algo.plan.name, cfg.algo.plan.options)
@@ -487,6 +494,21 @@ def check_names(cfg: RunConfig) -> list[str]:
         else:
             problems += plan.validate(cfg.backbone.num_steps)
     return problems
+
+
+def _eval_prompts_source_problems(value: str | None) -> list[str]:
+    """``eval.prompts`` that is not a file must name a registered prompt source (other than list / file, which
+    :meth:`alignkit.config.EvalConfig.validate` refuses)."""
+    from alignkit import registry
+    from alignkit.config import is_prompt_file, left_to_user
+
+    if value is None or not value.strip() or value in ("list", "file") or left_to_user(value) or is_prompt_file(value):
+        return []
+    if value in registry.PROMPT_SOURCES:
+        return []
+    sources = [n for n in registry.PROMPT_SOURCES.names() if n not in ("list", "file")]
+    return [f"eval.prompts={value!r}: neither a prompt file (.txt, .jsonl or .json; no such file here) nor a prompt "
+            f"source; give a file path or one of the sources: {', '.join(sources)}"]
 
 
 def _module_problem(path: str, value: str) -> str | None:

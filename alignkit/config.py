@@ -419,11 +419,15 @@ class PromptsConfig:
 
     ``source``: ``list`` (inline ``train`` / ``eval`` lists) or ``file`` (``train_file`` / ``eval_file``:
     one prompt per line; ``.jsonl`` rows with a ``prompt`` key and optional metadata; or ``.json``, an array of
-    strings or of such objects). Files are UTF-8 (a byte-order mark is dropped); blank prompts are refused.
+    strings or of such objects). Files are UTF-8 (a byte-order mark is dropped); blank prompts are refused. A file
+    written ``<required>`` in a recipe is one the user must give; it is refused when the prompts load. ``hf``: a Hugging
+    Face ``datasets`` dataset (``options``: path, split, eval_split, column, metadata_columns, name; see
+    :func:`alignkit.prompts.hf_source`).
     """
 
     source: str = field(default="list", metadata={
-        "help": "Prompt source: list, file, or a registered source such as shapes or arithmetic."})
+        "help": "Prompt source: list, file, hf (a Hugging Face datasets dataset), or a registered source such as "
+                "geneval, shapes or arithmetic."})
     train: list[str] = field(default_factory=list, metadata={"help": "Training prompts (source=list)."})
     eval: list[str] = field(default_factory=list, metadata={
         "help": "Held-out evaluation prompts (source=list; the training prompts when empty)."})
@@ -456,11 +460,41 @@ class EvalConfig:
     before_after: bool = field(default=False, metadata={"help": "Evaluate before the first and after the last epoch."})
     rewards: dict[str, RewardTermConfig] = field(default_factory=dict, metadata={
         "help": "Evaluation-only rewards scored besides the training rewards (e.g. a strict variant)."})
+    num_steps: int | None = field(default=None, metadata={
+        "help": "Denoising steps of evaluation sampling (e.g. 40 when training samples 10); null: backbone.num_steps."})
+    guidance: float | None = field(default=None, metadata={
+        "help": "Guidance scale of evaluation sampling; null: backbone.guidance_scale."})
+    resolution: list[int] | None = field(default=None, metadata={
+        "help": "[height, width] of evaluation samples in pixels ([size] for a square); null: backbone.height and "
+                "backbone.width."})
+    prompts: str | None = field(default=None, metadata={
+        "help": "Fixed evaluation prompts: a .txt / .jsonl / .json file, or a prompt source name (its held-out split, "
+                "options in eval.prompt_options); null: the held-out split of the recipe's prompts."})
+    prompt_options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Options of the eval.prompts source, as prompts.options (e.g. {eval: benchmark} for geneval)."})
 
     def validate(self, path: str, problems: list[str]) -> None:
         for key in ("num_prompts", "seeds_per_prompt", "batch_size"):
             if getattr(self, key) < 1:
                 problems.append(f"{path}.{key}={getattr(self, key)}: must be >= 1")
+        if self.num_steps is not None and self.num_steps < 1:
+            problems.append(f"{path}.num_steps={self.num_steps}: must be >= 1 (e.g. 40), or null to sample with "
+                            "backbone.num_steps")
+        if self.guidance is not None and not 0 <= self.guidance < math.inf:
+            problems.append(f"{path}.guidance={self.guidance}: must be a finite number >= 0 (1 disables CFG), or null "
+                            "to sample with backbone.guidance_scale")
+        if self.resolution is not None:
+            if len(self.resolution) not in (1, 2):
+                problems.append(f"{path}.resolution={self.resolution}: give [height, width] (or [size] for a square), "
+                                "e.g. [512,512], or null for backbone.height / backbone.width")
+            elif any(v < 8 or v % 8 for v in self.resolution):
+                problems.append(f"{path}.resolution={self.resolution}: each side must be a positive multiple of 8 "
+                                "pixels, e.g. [512,512]")
+        if self.prompts is not None:
+            problems += eval_prompts_problems(self.prompts, f"{path}.prompts")
+        if self.prompt_options and self.prompts is None:
+            problems.append(f"{path}.prompt_options={self.prompt_options}: options of the eval.prompts source, but "
+                            "eval.prompts is null; name the source (e.g. eval.prompts=geneval) or drop the options")
         if self.every < 0:
             problems.append(f"{path}.every={self.every}: must be >= 0 (0 disables periodic evaluation)")
         _check_seed(f"{path}.seed", self.seed, problems)
@@ -469,6 +503,46 @@ class EvalConfig:
                             "folder, e.g. outputs/<run>/checkpoints/step-00000108")
         for name, term in self.rewards.items():
             term.validate(f"{path}.rewards.{name}", problems)
+
+
+PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".json")
+"""Suffixes of prompt files (:func:`alignkit.prompts.read_prompt_file`; other suffixes read as plain text)."""
+
+
+def is_prompt_file(value: str) -> bool:
+    """Whether ``eval.prompts`` names a file rather than a prompt source: a path (a separator, a prompt-file suffix,
+    ``~``) or an existing file."""
+    return (value.endswith(PROMPT_FILE_SUFFIXES) or "/" in value or os.sep in value or value.startswith("~")
+            or Path(value).is_file())
+
+
+def eval_prompts_problems(value: str, path: str) -> list[str]:
+    """Problems with ``eval.prompts`` that need no registry: a blank value, a missing file, an inline-only source.
+    (A source name is checked against the registry by :func:`alignkit.compose.check_names`.)"""
+    if not value.strip() or left_to_user(value):
+        return [f"{path}={value!r}: give a prompt file (.txt, .jsonl or .json) or a prompt source name, or null for "
+                "the held-out split of the recipe's prompts"]
+    if value in ("list", "file"):
+        return [f"{path}={value!r}: give the prompt file's path itself (eval.prompts=path/to/prompts.txt); {value!r} "
+                "is a source that takes its prompts from the prompts section"]
+    if is_prompt_file(value) and not Path(value).is_file():
+        what = "is a folder, not a file" if Path(value).is_dir() else "no such file"
+        return [f"{path}={value!r}: {what}; give the path of a .txt (one prompt per line), .jsonl or .json prompt "
+                "file, or a prompt source name"]
+    return []
+
+
+MISSING = "???"
+"""Hydra's mandatory-value marker (lost when a recipe merges it over a typed default, hence :data:`REQUIRED`)."""
+
+REQUIRED = "<required>"
+"""A file setting a recipe leaves for the user to give (e.g. ``prompts.train_file: <required>``): the recipe composes
+and validates, ``alignkit show`` prints it, and the run is refused when the prompts load, before any model."""
+
+
+def left_to_user(value: object) -> bool:
+    """Whether ``value`` is a recipe's placeholder for a setting the user must give (:data:`REQUIRED`, ``???``)."""
+    return value in (REQUIRED, MISSING)
 
 
 @dataclass
@@ -523,7 +597,8 @@ class RunConfig:
                 problems.append("prompts.train_file is required with prompts.source=file")
             for key in ("train_file", "eval_file"):
                 value = getattr(self.prompts, key)
-                if value and not Path(value).is_file():
+                # a file the recipe leaves to the user is refused when the prompts load, before any model
+                if value and not left_to_user(value) and not Path(value).is_file():
                     what = "is a folder, not a file" if Path(value).is_dir() else "no such file"
                     problems.append(f"prompts.{key}={value!r}: {what}; give the path of a .txt (one prompt per "
                                     "line), .jsonl or .json prompt file")
@@ -608,7 +683,8 @@ def _check_output_dir(output_dir: str, problems: list[str]) -> None:
                         "folder you can write to")
 
 
-PATH_FIELDS = ("output_dir", "prompts.train_file", "prompts.eval_file", "eval.checkpoint", "backbone.pretrained")
+PATH_FIELDS = ("output_dir", "prompts.train_file", "prompts.eval_file", "eval.checkpoint", "eval.prompts",
+               "backbone.pretrained")
 """Settings that name local files or folders; a leading ``~`` is expanded once, by :func:`build_config`."""
 
 

@@ -35,7 +35,7 @@ from alignkit.credit import CreditAssigner
 from alignkit.distributed import Gathered, Shard, canonical_order, gather_rollout, on_every_process
 from alignkit.ema import EMA
 from alignkit.errors import Interrupted, MaskedError, NonFiniteError, RunFolderError
-from alignkit.evaluation import evaluate, evaluate_heldout, save_preview
+from alignkit.evaluation import evaluate, evaluate_heldout, evaluation_prompts, save_preview
 from alignkit.fsdp import shard_module
 from alignkit.interfaces import Sampler
 from alignkit.interrupt import StopRequest
@@ -140,7 +140,8 @@ class Trainer:
             # NumPy) are seeded too, for code outside it, and saved in checkpoints
             set_seed(cfg.seed)
             # prompt files are read first: a refused file leaves no run folder behind
-            self.train_prompts, self.eval_prompts = load_prompts(cfg.prompts)
+            self.train_prompts, heldout = load_prompts(cfg.prompts)
+            self.eval_prompts = evaluation_prompts(cfg.eval, heldout)  # eval.prompts, else the held-out split
             # the folder is locked and checked against train.resume before any model loads
             self._resume = self._claim_run_folder()
             self._build(sampler, reward_set)

@@ -6,12 +6,13 @@ prompt encoding, the guided velocity, initial noise and decoding.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from alignkit.config import BackboneConfig, ConfigError
 from alignkit.flow import FlowMatchingSampler, randn
 from alignkit.fsdp import module_state
+from alignkit.interfaces import EvalSettings
 from alignkit.modalities.policy import (
     PEFT_LAYOUT,
     LoraLayout,
@@ -297,6 +299,39 @@ class DiffusersFlowSampler(PolicyModule, FlowMatchingSampler):
 
     def _schedule_kwargs(self) -> dict[str, Any]:
         return {}
+
+    # --- evaluation settings -----------------------------------------------------------------------------
+
+    eval_setting_names: ClassVar[frozenset[str]] = frozenset({"num_steps", "guidance", "height", "width"})
+
+    @classmethod
+    def supported_eval_settings(cls) -> frozenset[str]:
+        """Steps and guidance for every modality; height and width for images and video (audio has none: its
+        length is an adapter option)."""
+        if cls.modality in ("image", "video"):
+            return cls.eval_setting_names
+        return cls.eval_setting_names - {"height", "width"}
+
+    @classmethod
+    def check_eval_settings(cls, settings: EvalSettings, cfg: BackboneConfig | None = None) -> list[str]:
+        """Unsupported settings, then what :meth:`check_config` finds with the evaluation values in place (e.g.
+        Wan's frame and size multiples)."""
+        problems = super().check_eval_settings(settings, cfg)
+        if problems or cfg is None:
+            return problems
+        return cls.changed_backbone_problems(cls.check_config, settings, cfg)
+
+    @contextlib.contextmanager
+    def _evaluation_overrides(self, settings: EvalSettings) -> Iterator[None]:
+        """Sample with ``settings``: the backbone settings the adapter reads (``self.cfg``) and the schedule built
+        from them are swapped for the context and restored after it."""
+        saved = self.cfg, self._sigmas, self._timesteps
+        try:
+            self.cfg = settings.applied_to(self.cfg)
+            self._sigmas, self._timesteps = self._build_schedule()
+            yield
+        finally:
+            self.cfg, self._sigmas, self._timesteps = saved
 
     # --- Sampler interface ----------------------------------------------------------------------------
 

@@ -88,8 +88,7 @@ def test_report_of_an_image_run(tiny_runs, tmp_path: Path, capsys: pytest.Captur
     assert "finished: 2 of 2 epochs" in page and "not finished" not in page
     for cells in (["jpeg_compressibility", "1"], ["big", "0.5"], ["aggregate", "-"]):  # the held-out table
         assert "<tr>" + "".join(f"<td>{c}</td>" for c in cells) in page
-    assert page.count('alt="rewards against') == 2  # epoch and NFE; FLOPs not logged by this run
-    assert "Not logged by this run: cost/flops_total" in page
+    assert page.count('alt="rewards against') == 3  # epoch, NFE and model FLOPs (cost/flops_total)
     # 6 held-out samples: 3 most and 3 least changed, each before and after, inlined PNGs named by prompt and seed
     samples = re.findall(r'alt="(eval_(?:before|after)/p\d{5}_s\d\.png)" src="data:image/png;base64,', page)
     assert len(samples) == 12 and len(set(samples)) == 12

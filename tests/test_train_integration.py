@@ -111,4 +111,4 @@ def test_eval_command_writes_table_and_grid(tmp_path: Path) -> None:
     assert len(rows) == 6
     assert (tmp_path / "eval" / "grid.png").is_file()
     summary = __import__("json").loads((tmp_path / "eval" / "summary.json").read_text())
-    assert set(summary) == {"jpeg_compressibility"} and summary["jpeg_compressibility"] < 0
+    assert set(summary["mean"]) == {"jpeg_compressibility"} and summary["mean"]["jpeg_compressibility"] < 0

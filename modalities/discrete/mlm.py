@@ -1,16 +1,27 @@
 """Masked-diffusion adapter over a transformers bidirectional masked LM (LLaDA / MDLM style).
 
-Any ``AutoModelForMaskedLM`` (BERT, ModernBERT, a remote-code LLaDA-style model) with its tokenizer,
-loaded with ``from_pretrained`` from a hub id, a local folder or ``builtin:<name>``; ``trust_remote_code``
-is passed only when ``backbone.trust_remote_code`` is true. The prompt is a prefix that is never masked:
-its tokens are left-padded to ``backbone.max_sequence_length`` (padding is excluded by the attention
+Loaded with ``from_pretrained`` from a hub id, a local folder or ``builtin:<name>``, with its tokenizer:
+
+- a model transformers knows (BERT, ModernBERT, ...): ``AutoModelForMaskedLM``;
+- a model that ships its own code (``auto_map`` in ``config.json``, a ``model_type`` transformers does not
+  know; LLaDA, Dream): only with ``backbone.trust_remote_code: true`` (refused with an error naming the
+  setting otherwise, before any code runs), through the first auto class its ``auto_map`` registers of
+  ``AutoModelForMaskedLM``, ``AutoModelForCausalLM``, ``AutoModel`` (LLaDA registers only the last two;
+  its forward returns bidirectional logits whatever the class name says).
+
+The mask token is the tokenizer's (``tokenizer.mask_token``) or, when the tokenizer has none, the model config's
+``mask_token_id`` (LLaDA: 126336); the two must agree when both exist. The prompt is a prefix that is never
+masked: its tokens are left-padded to ``backbone.max_sequence_length`` (padding is excluded by the attention
 mask), so the ``G = backbone.options.gen_length`` generated positions always sit at the same positions.
 
 Backbone options (``backbone.options``): ``gen_length`` (generated positions, default 8), ``scale``
 (``masked_fraction`` / ``entropy`` / ``uniform``, the exploration scale used by noise-aware weighting),
 ``schedule`` (``cosine`` / ``linear``), ``end_token`` (the token that fills the generated region after
-the text; default the tokenizer's EOS, else SEP). ``algo.noise_level`` is the sampling temperature and
-``algo.step_kind`` must be ``masked_confidence`` (see :mod:`alignkit.modalities.discrete.masked`).
+the text; default the tokenizer's EOS, else SEP), ``chat_template`` (wrap each prompt as a user turn of the
+tokenizer's chat template, with the assistant header appended: instruction-tuned models such as
+LLaDA-8B-Instruct). ``algo.noise_level`` is the sampling temperature and ``algo.step_kind`` must be
+``masked_confidence`` (see :mod:`alignkit.modalities.discrete.masked`). Evaluation may sample with another
+number of steps (``eval.num_steps``, :meth:`MaskedLMSampler.eval_settings`).
 
 Trainable weights: LoRA on ``backbone.lora.target_modules`` (peft's ``inject_adapter_in_model``) or,
 with LoRA disabled, the whole model; the reference model for the KL term is the adapter-disabled model
@@ -19,7 +30,10 @@ with LoRA disabled, the whole model; the reference model for the KL term is the 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,19 +41,59 @@ import torch
 
 from alignkit.config import BackboneConfig, ConfigError
 from alignkit.fsdp import module_state
+from alignkit.interfaces import EvalSettings
 from alignkit.modalities.diffusers_common import DTYPES, looks_like_hub_id, resolve_pretrained
-from alignkit.modalities.discrete.masked import SCALES, SCHEDULES, MaskedDiffusionSampler
+from alignkit.modalities.discrete.masked import SCALES, SCHEDULES, MaskedDiffusionSampler, reveal_schedule
 from alignkit.modalities.policy import PolicyModule, save_peft_adapter
 from alignkit.types import Conditioning
 
 logger = logging.getLogger(__name__)
 
-OPTIONS = {"gen_length": 8, "scale": "masked_fraction", "schedule": "cosine", "end_token": None}
+OPTIONS = {"gen_length": 8, "scale": "masked_fraction", "schedule": "cosine", "end_token": None,
+           "chat_template": False}
+REMOTE_AUTO_CLASSES = ("AutoModelForMaskedLM", "AutoModelForCausalLM", "AutoModel")
+"""Auto classes tried, in order, for a model that ships its own code (the first its ``auto_map`` registers)."""
+
+
+def model_config_dict(source: str, cfg: BackboneConfig) -> dict[str, Any]:
+    """The model's ``config.json`` as a dict, read without running any of its code."""
+    from transformers import PretrainedConfig
+
+    kwargs = {"revision": cfg.revision} if cfg.revision else {}
+    config, _ = PretrainedConfig.get_config_dict(source, **kwargs)
+    return config
+
+
+def remote_auto_class(config: dict[str, Any], cfg: BackboneConfig) -> str | None:
+    """The auto class to load a model that ships its own code with, or None for a model transformers knows.
+
+    Raises:
+        ValueError: the model needs its own code and ``backbone.trust_remote_code`` is false, or its ``auto_map``
+            registers none of :data:`REMOTE_AUTO_CLASSES`.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    auto_map = config.get("auto_map") or {}
+    if not auto_map or config.get("model_type") in CONFIG_MAPPING:
+        return None
+    shipped = ", ".join(f"{k}: {v}" for k, v in auto_map.items())
+    if not cfg.trust_remote_code:
+        raise ValueError(
+            f"backbone.pretrained={cfg.pretrained!r} ships its own model code (config.json auto_map: {shipped}; "
+            f"model_type {config.get('model_type')!r} is not one transformers knows), which runs when it loads. Set "
+            "backbone.trust_remote_code=true if you trust this model's code; nothing was run")
+    found = next((name for name in REMOTE_AUTO_CLASSES if name in auto_map), None)
+    if found is None:
+        raise ValueError(f"backbone.pretrained={cfg.pretrained!r}: its auto_map ({shipped}) registers none of "
+                         f"{', '.join(REMOTE_AUTO_CLASSES)}; a masked LM needs a model class returning logits")
+    return found
 
 
 def load_masked_lm(cfg: BackboneConfig) -> tuple[torch.nn.Module, Any]:
-    """``AutoModelForMaskedLM`` and ``AutoTokenizer`` ``from_pretrained`` of ``cfg.pretrained``."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    """The model and its ``AutoTokenizer``, ``from_pretrained`` of ``cfg.pretrained``: ``AutoModelForMaskedLM``
+    for a model transformers knows; a model that ships its own code through its ``auto_map``
+    (:func:`remote_auto_class`, only with ``backbone.trust_remote_code``)."""
+    import transformers
 
     source = resolve_pretrained(cfg.pretrained)
     if not Path(source).expanduser().exists() and not looks_like_hub_id(source):
@@ -47,27 +101,64 @@ def load_masked_lm(cfg: BackboneConfig) -> tuple[torch.nn.Module, Any]:
             f"backbone.pretrained={cfg.pretrained!r}: no such folder, and not a hub id 'org/name'; give a folder "
             "holding a masked LM and its tokenizer (save_pretrained layout), a hub id or builtin:arithmetic"
         )
+    auto_class = remote_auto_class(model_config_dict(source, cfg), cfg)
     kwargs: dict[str, Any] = {}
     if cfg.revision:
         kwargs["revision"] = cfg.revision
     if cfg.trust_remote_code:
         kwargs["trust_remote_code"] = True
-    logger.info("loading a masked LM from %s", source)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForMaskedLM.from_pretrained(source, dtype=DTYPES[cfg.dtype], **kwargs)
+    logger.info("loading a masked LM from %s%s", source, f" ({auto_class}, the model's own code)" if auto_class else "")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+    loader = getattr(transformers, auto_class or "AutoModelForMaskedLM")
+    model = loader.from_pretrained(source, dtype=DTYPES[cfg.dtype], **kwargs)
     return model, tokenizer
 
 
-def encode_prefix(tokenizer: Any, prompts: list[str], length: int, *, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_token_id(tokenizer: Any, model: torch.nn.Module, pretrained: str) -> int:
+    """The mask token: the tokenizer's, else the model config's ``mask_token_id`` (LLaDA-style).
+
+    Raises:
+        ValueError: neither has one, the two disagree, or the id is outside the model's vocabulary.
+    """
+    config = getattr(model, "config", None)
+    from_tokenizer = tokenizer.mask_token_id
+    from_config = getattr(config, "mask_token_id", None)
+    if from_tokenizer is not None and from_config is not None and int(from_tokenizer) != int(from_config):
+        raise ValueError(f"backbone.pretrained={pretrained!r}: the tokenizer's mask token ({tokenizer.mask_token!r}, "
+                         f"id {from_tokenizer}) differs from the model config's mask_token_id={from_config}; fix one "
+                         "of them so the model sees the mask it was trained with")
+    mask = from_tokenizer if from_tokenizer is not None else from_config
+    if mask is None:
+        raise ValueError(f"backbone.pretrained={pretrained!r}: no mask token: the tokenizer has none "
+                         "(tokenizer.mask_token) and the model config has no mask_token_id; a masked diffusion model "
+                         "needs one")
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and not 0 <= int(mask) < int(vocab):
+        raise ValueError(f"backbone.pretrained={pretrained!r}: mask token id {mask} is outside the model's "
+                         f"vocabulary (vocab_size={vocab})")
+    return int(mask)
+
+
+def chat_prompts(tokenizer: Any, prompts: list[str]) -> list[str]:
+    """Each prompt as one user turn of the tokenizer's chat template, ending with the assistant's header."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts]
+
+
+def encode_prefix(tokenizer: Any, prompts: list[str], length: int, *, fill: int,
+                  chat_template: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt tokens left-padded to ``length``: ``(ids [P, length] long, mask [P, length] long)``.
 
-    Padding uses the tokenizer's pad token (``fill`` when it has none) and is 0 in the mask.
+    Padding uses the tokenizer's pad token (``fill`` when it has none) and is 0 in the mask. With ``chat_template``
+    each prompt is a user turn of the tokenizer's chat template (:func:`chat_prompts`), tokenised without adding
+    special tokens (the template writes its own).
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fill
     ids = torch.full((len(prompts), length), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        tokens = tokenizer(prompt)["input_ids"]
+    texts = chat_prompts(tokenizer, prompts) if chat_template else prompts
+    for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
+        tokens = tokenizer(text, **({"add_special_tokens": False} if chat_template else {}))["input_ids"]
         if len(tokens) > length:
             raise ValueError(f"prompt {prompt!r} has {len(tokens)} tokens, more than backbone.max_sequence_length="
                              f"{length}; raise backbone.max_sequence_length")
@@ -108,9 +199,10 @@ class MaskedLMSampler(PolicyModule, MaskedDiffusionSampler):
         if problems:
             raise ConfigError(problems)
         opts = {**self.options_defaults(), **cfg.options}
-        if tokenizer.mask_token_id is None:
-            raise ValueError(f"backbone.pretrained={cfg.pretrained!r}: the tokenizer has no mask token; a masked "
-                             "diffusion model needs one (tokenizer.mask_token)")
+        mask_id = mask_token_id(tokenizer, model, cfg.pretrained)
+        if opts["chat_template"] and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"backbone.options.chat_template=true: the tokenizer of {cfg.pretrained!r} has no chat "
+                             "template; set backbone.options.chat_template=false to encode prompts as they are")
         end = opts["end_token"] or tokenizer.eos_token or tokenizer.sep_token
         end_id = tokenizer.convert_tokens_to_ids(end) if end is not None else None
         if end_id is None or end_id == tokenizer.unk_token_id:
@@ -120,9 +212,10 @@ class MaskedLMSampler(PolicyModule, MaskedDiffusionSampler):
         self.end_id = int(end_id)
         forbidden = self.forbidden_ids(tokenizer, opts)
         super().__init__(gen_length=int(self.generated_length(opts)[0] or 0), num_steps=cfg.num_steps,
-                         mask_id=int(tokenizer.mask_token_id), step_kind=step_kind, temperature=noise_level,
+                         mask_id=mask_id, step_kind=step_kind, temperature=noise_level,
                          scale=opts["scale"], schedule=opts["schedule"], forbidden=forbidden)
         self.cfg = cfg
+        self.chat_template = bool(opts["chat_template"])
         self._device = torch.device(device)
         self.prompt_length = cfg.max_sequence_length
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -132,6 +225,11 @@ class MaskedLMSampler(PolicyModule, MaskedDiffusionSampler):
                 f"exceeds the model's max_position_embeddings={limit}; shorten one of them"
             )
         model.to(self._device)
+        if cfg.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ValueError(f"backbone.gradient_checkpointing=true: {type(model).__name__} does not support "
+                                 "transformers' gradient checkpointing; set backbone.gradient_checkpointing=false")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._init_policy(model, cfg.lora)
         if cfg.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
@@ -175,7 +273,38 @@ class MaskedLMSampler(PolicyModule, MaskedDiffusionSampler):
             problems.append(f"{path}.options.schedule={opts['schedule']!r}: use one of {', '.join(SCHEDULES)}")
         if cfg.max_sequence_length < 1:
             problems.append(f"{path}.max_sequence_length={cfg.max_sequence_length}: the prompt length must be >= 1")
+        if opts["end_token"] is not None and not isinstance(opts["end_token"], str):
+            problems.append(f"{path}.options.end_token={opts['end_token']!r}: give the token as a string (quote it on "
+                            f"the command line: {path}.options.end_token=\"'[EOS]'\"), or null for the EOS token")
+        if not isinstance(opts["chat_template"], bool):
+            problems.append(f"{path}.options.chat_template={opts['chat_template']!r}: use true (wrap prompts in the "
+                            "tokenizer's chat template) or false")
         return problems
+
+    # --- evaluation with another number of steps ---------------------------------------------------------
+
+    eval_setting_names: ClassVar[frozenset[str]] = frozenset({"num_steps"})
+
+    @classmethod
+    def check_eval_settings(cls, settings: EvalSettings, cfg: BackboneConfig | None = None) -> list[str]:
+        """Only ``eval.num_steps`` (text has no guidance or size), within what :meth:`check_config` allows."""
+        problems = super().check_eval_settings(settings, cfg)
+        if problems or cfg is None:
+            return problems
+        return cls.changed_backbone_problems(cls.check_config, settings, cfg)
+
+    @contextlib.contextmanager
+    def _evaluation_overrides(self, settings: EvalSettings) -> Iterator[None]:
+        """The reveal schedule of ``settings.num_steps`` steps for the context (``self.cfg`` with it too)."""
+        saved = self.cfg, self.reveal_counts
+        try:
+            self.cfg = dataclasses.replace(self.cfg, num_steps=settings.num_steps)
+            opts = {**self.options_defaults(), **self.cfg.options}
+            counts = reveal_schedule(self.gen_length, self.cfg.num_steps - 1, opts["schedule"])
+            self.reveal_counts = torch.cat([counts, counts.new_zeros(1)])  # [N], the last step reveals nothing
+            yield
+        finally:
+            self.cfg, self.reveal_counts = saved
 
     @classmethod
     def from_config(cls, cfg: BackboneConfig, *, step_kind: str, noise_level: float,
@@ -199,7 +328,8 @@ class MaskedLMSampler(PolicyModule, MaskedDiffusionSampler):
         return self._device
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        ids, mask = encode_prefix(self.tokenizer, prompts, self.prompt_length, fill=self.end_id)
+        ids, mask = encode_prefix(self.tokenizer, prompts, self.prompt_length, fill=self.end_id,
+                                  chat_template=self.chat_template)
         return {"prompt_ids": ids.to(self._device), "prompt_mask": mask.to(self._device)}
 
     def logits(self, state: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -207,7 +337,14 @@ class MaskedLMSampler(PolicyModule, MaskedDiffusionSampler):
         ids = torch.cat([cond["prompt_ids"].to(self._device), state], dim=1)  # [B, Lp + G]
         mask = torch.cat([cond["prompt_mask"].to(self._device), torch.ones_like(state)], dim=1)
         out = model(input_ids=ids, attention_mask=mask)
-        return out.logits[:, -self.gen_length:, :]  # [B, G, V]
+        logits = getattr(out, "logits", None)
+        if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            logits = out[0]  # a remote model returning a plain tuple (logits first)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[1] != ids.shape[1]:
+            raise ValueError(f"backbone.pretrained={self.cfg.pretrained!r}: the model's forward returns "
+                             f"{type(out).__name__} without token logits [batch, length, vocab]; load a model class "
+                             "with a language-modelling head")
+        return logits[:, -self.gen_length:, :]  # [B, G, V]
 
     def decode(self, state: torch.Tensor) -> list[str]:
         """Text of each row: its tokens up to the first end token, special tokens dropped."""
