@@ -68,13 +68,13 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def _checkpointed_epoch(out: Path) -> int:
     """The epoch of the latest checkpoint in ``out`` (0 when none); checkpoints appear by atomic rename."""
-    for _ in range(3):
-        latest = latest_checkpoint(out)
-        if latest is None:
-            return 0
-        try:
+    for _ in range(5):
+        try:  # the run prunes old checkpoints (keep_checkpoints) while this reads: a folder may vanish mid-read
+            latest = latest_checkpoint(out)
+            if latest is None:
+                return 0
             return int(json.loads((latest / "state.json").read_text())["epoch"])
-        except FileNotFoundError:  # pruned (keep_checkpoints) between the listing and the read
+        except FileNotFoundError:
             continue
     return 0
 
