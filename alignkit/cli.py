@@ -37,6 +37,7 @@ from alignkit.compose import (
     write_run_config,
 )
 from alignkit.config import ConfigError
+from alignkit.distributed import end_process_group
 from alignkit.errors import AlignkitError, Interrupted
 
 logger = logging.getLogger("alignkit")
@@ -113,6 +114,7 @@ def cmd_train(args: list[str]) -> int:
         if _is_main_process():
             write_run_config(cfg.output_dir, cfg, overrides)
         state = trainer.train()
+        end_process_group()
     except Interrupted as exc:  # stopped at a safe point by SIGINT / SIGTERM
         logger.error("%s", exc)
         return exc.exit_code

@@ -191,3 +191,14 @@ def gather_rollout(shard: Shard, table: RewardTable, keys: SampleKeys, transitio
     return Gathered(table=merged, keys=keys_all, transitions=Transitions.cat(all_tr),
                     transition_offset=offsets[shard.rank], local_transitions=len(transitions),
                     nfe=sum(p["nfe"] for p in parts))
+
+
+def end_process_group() -> None:
+    """Destroy the default process group, if one is up, after a barrier: a gloo / NCCL group left to the
+    interpreter's shutdown can abort the process ("terminate called without an active exception", exit -6)
+    while its worker threads are torn down. Call it once, when the command is done with every trainer."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

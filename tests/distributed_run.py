@@ -13,6 +13,7 @@ import sys
 import torch
 
 from alignkit.compose import load_run_config
+from alignkit.distributed import end_process_group
 from alignkit.trainer import Trainer
 
 
@@ -33,3 +34,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     for run in json.loads(sys.argv[1]):
         Trainer(load_run_config(run["recipe"], run["overrides"]), tensorboard=False).train()
+    end_process_group()

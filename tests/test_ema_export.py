@@ -36,9 +36,9 @@ def test_eval_of_a_checkpoint_reproduces_the_runs_heldout_scores(tmp_path: Path)
         assert main(["eval", RECIPE, *run, f"eval.checkpoint={weights}"]) == 0
         return json.loads((tmp_path / "eval" / "summary.json").read_text())
 
-    exported = evaluate(ckpt)
+    exported = evaluate(ckpt)["mean"]  # eval/summary.json: each reward's mean under "mean"
     assert set(exported) == {"jpeg_compressibility", "proj"}
     for name, value in exported.items():
         assert value == pytest.approx(logged[f"eval/{name}"], rel=1e-6, abs=1e-9), name
-    raw = evaluate(ckpt / "trainable_raw")  # the trained weights themselves score otherwise
+    raw = evaluate(ckpt / "trainable_raw")["mean"]  # the trained weights themselves score otherwise
     assert raw["proj"] != pytest.approx(exported["proj"], rel=1e-4)
