@@ -213,6 +213,12 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def kept_checkpoint_phrase(output_dir: Path) -> str:
+    """The clause a stopping run's message gives about what it leaves behind: the latest checkpoint, or none."""
+    last = latest_checkpoint(output_dir)
+    return f"the last checkpoint, {last}, is kept" if last else "no checkpoint had been written yet"
+
+
 def _fsync_tree(folder: Path) -> None:
     """fsync every file and folder under ``folder`` (and ``folder`` itself)."""
     for p in sorted(folder.rglob("*"), key=lambda q: len(q.parts), reverse=True):

@@ -22,6 +22,7 @@ from alignkit.build import build_components, build_optimizer, build_sampler, res
 from alignkit.checkpoint import (
     CheckpointParts,
     TrainState,
+    kept_checkpoint_phrase,
     latest_checkpoint,
     open_checkpoint,
     prompt_fingerprint,
@@ -417,8 +418,7 @@ class Trainer:
                        s.epoch, cause, s.consecutive_masked)
         limit = self.cfg.train.max_masked_epochs
         if s.consecutive_masked > limit:
-            last = latest_checkpoint(self.out)
-            kept = f"the last checkpoint, {last}, is kept" if last else "no checkpoint had been written yet"
+            kept = kept_checkpoint_phrase(self.out)
             raise MaskedError(
                 f"{s.consecutive_masked} consecutive epochs had every sample masked, so nothing could train (last: "
                 f"epoch {s.epoch}, {cause}; limit train.max_masked_epochs={limit}); {kept}. A reward that returns "

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from alignkit.checkpoint import TrainState, latest_checkpoint
+from alignkit.checkpoint import TrainState, kept_checkpoint_phrase
 from alignkit.config import RunConfig
 from alignkit.cost import FlopMeter, maybe_meter, shape_key
 from alignkit.distributed import Gathered, Shard
@@ -390,8 +390,7 @@ class Updater:
                        s.nonfinite_skipped, s.consecutive_nonfinite)
         limit = self.cfg.train.max_nonfinite_steps
         if s.consecutive_nonfinite > limit:
-            last = latest_checkpoint(self.out)
-            kept = f"the last checkpoint, {last}, is kept" if last else "no checkpoint had been written yet"
+            kept = kept_checkpoint_phrase(self.out)
             raise NonFiniteError(
                 f"{s.consecutive_nonfinite} consecutive optimizer steps had a non-finite loss or gradient (last: "
                 f"{reason}; limit train.max_nonfinite_steps={limit}) at epoch {s.epoch}; {kept}. Lower "
