@@ -8,20 +8,20 @@ Every case talks to a real server on 127.0.0.1 and checks the JSON answer a clie
 from __future__ import annotations
 
 import base64
-import contextlib
 import http.client
 import json
 import socket
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from reward_servers import serving
 
 from alignkit import reward_server
 from alignkit.compose import load_run_config
@@ -47,19 +47,6 @@ class _Recorder:
     def __call__(self, samples: Any, prompts: list[str], metadata: list[dict[str, Any]]) -> Any:
         self.calls.append(len(prompts))
         return self.out(len(prompts)) if self.out else [0.5] * len(prompts)
-
-
-@contextlib.contextmanager
-def _serving(reward: Callable[..., Any], host: str = "127.0.0.1", **options: Any) -> Iterator[RewardServer]:
-    server = make_server(reward, host, 0, "test", **options)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def _request(server: RewardServer, method: str, path: str, body: bytes | None = None,
@@ -143,7 +130,7 @@ STATUS_CASES: list[tuple[str, str, str, bytes | None, dict[str, str], int, list[
 def test_every_error_is_a_json_answer(method: str, path: str, body: bytes | None, headers: dict[str, str],
                                       status: int, words: list[str], allow: str | None) -> None:
     recorder = _Recorder()
-    with _serving(recorder) as server:
+    with serving(recorder) as server:
         got, reply_headers, data = _request(server, method, path, body, headers)
         assert got == status, data
         error = _json_error(got, reply_headers, data)
@@ -155,7 +142,7 @@ def test_every_error_is_a_json_answer(method: str, path: str, body: bytes | None
 
 
 def test_http_servers_own_errors_are_json_too() -> None:
-    with _serving(_Recorder()) as server:
+    with serving(_Recorder()) as server:
         status, headers, body = _raw(server, b"GET /health extra words HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert status == 400 and "Bad request syntax" in _json_error(status, headers, body)
         long_header = b"X-Long: " + b"a" * 70000 + b"\r\n"
@@ -189,7 +176,7 @@ def test_decompression_bomb_is_refused_from_its_header() -> None:
     recorder = _Recorder()
     bomb = _png_bomb()
     assert len(base64.b64decode(bomb)) < 240_000
-    with _serving(recorder) as server:
+    with serving(recorder) as server:
         for data in (bomb, _png_bomb(truncate=True)):  # a truncated bomb too: the header decides, not the decode
             status, headers, body = _request(server, "POST", "/score", _body(data=[data]))
             assert status == 413, body
@@ -202,7 +189,7 @@ def test_decompression_bomb_is_refused_from_its_header() -> None:
 
 def test_request_pixel_limit_counts_every_image_and_frame() -> None:
     recorder = _Recorder()
-    with _serving(recorder, max_request_pixels=3 * 16 * 16) as server:
+    with serving(recorder, max_request_pixels=3 * 16 * 16) as server:
         status, headers, body = _request(server, "POST", "/score", _body(n=4, size=16))
         assert status == 413
         error = _json_error(status, headers, body)
@@ -226,7 +213,7 @@ def test_hanging_reward_gets_504_and_frees_the_reward_for_the_next_request() -> 
             release.wait(60)
         return [1.0] * len(prompts)
 
-    with _serving(first_call_hangs, timeout=0.3) as server:
+    with serving(first_call_hangs, timeout=0.3) as server:
         try:
             status, headers, body = _request(server, "POST", "/score", _body())
             assert status == 504
@@ -247,7 +234,7 @@ def test_hanging_reward_gets_504_and_frees_the_reward_for_the_next_request() -> 
     (lambda n: [object()] * n, ["reward 'test' returned <object object", "(object) for sample 0"]),
 ], ids=["int_too_large_for_a_float", "a_dict", "an_object"])
 def test_scores_that_cannot_be_sent_are_500_json(out: Callable[[int], Any], words: list[str]) -> None:
-    with _serving(_Recorder(out)) as server:
+    with serving(_Recorder(out)) as server:
         status, headers, body = _request(server, "POST", "/score", _body())
         assert status == 500
         error = _json_error(status, headers, body)
@@ -261,7 +248,7 @@ def test_scores_that_cannot_be_sent_are_500_json(out: Callable[[int], Any], word
 
 
 def test_host_header_must_name_this_server() -> None:
-    with _serving(_Recorder()) as server:
+    with serving(_Recorder()) as server:
         port = server.server_address[1]
         for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST.", f"[::1]:{port}"):
             assert _request(server, "GET", "/health", headers={"Host": host})[0] == 200, host
@@ -276,7 +263,7 @@ def test_host_header_must_name_this_server() -> None:
 
 def test_a_server_bound_to_another_address_also_accepts_that_name() -> None:
     try:
-        server_cm = _serving(_Recorder(), host="127.0.0.2")
+        server_cm = serving(_Recorder(), host="127.0.0.2")
         server = server_cm.__enter__()
     except OSError:
         pytest.skip("127.0.0.2 cannot be bound here")
@@ -293,7 +280,7 @@ def test_a_server_bound_to_another_address_also_accepts_that_name() -> None:
 
 def test_browser_cross_origin_requests_are_refused() -> None:
     recorder = _Recorder()
-    with _serving(recorder) as server:
+    with serving(recorder) as server:
         own = f"127.0.0.1:{server.server_address[1]}"
         for headers, word in (({"Host": own, "Origin": "http://attacker.example"}, "Origin 'http://attacker.example'"),
                               ({"Host": own, "Origin": "null"}, "Origin 'null'"),
@@ -311,7 +298,7 @@ def test_token_is_required_checked_and_never_shown(monkeypatch: pytest.MonkeyPat
     secret = "correct-horse-battery-staple"
     recorder = _Recorder()
     x = torch.rand(2, 3, 4, 4)
-    with _serving(recorder, token=secret) as server:
+    with serving(recorder, token=secret) as server:
         status, headers, body = _request(server, "POST", "/score", _body())
         assert status == 401 and headers["www-authenticate"].startswith("Bearer")
         assert "requires a token and the request has no token" in _json_error(status, headers, body)
@@ -326,7 +313,7 @@ def test_token_is_required_checked_and_never_shown(monkeypatch: pytest.MonkeyPat
         assert remote.health()["name"] == "test" and remote(x, ["a", "b"], [{}, {}]) == [0.5, 0.5]
         assert secret not in repr(remote)
     assert recorder.calls == [2, 2]  # the refused requests were not retried and never reached the reward
-    with _serving(recorder) as server:  # the server reads it too
+    with serving(recorder) as server:  # the server reads it too
         assert server.token == secret
         assert _request(server, "GET", "/health")[0] == 401
 
@@ -337,7 +324,7 @@ def test_serving_beyond_loopback_needs_a_token() -> None:
     msg = str(info.value)
     for word in ("host '0.0.0.0'", "beyond this machine", "--token", TOKEN_ENV, "127.0.0.1"):
         assert word in msg, (word, msg)
-    with _serving(_Recorder(), host="0.0.0.0", token="a-long-shared-secret") as server:
+    with serving(_Recorder(), host="0.0.0.0", token="a-long-shared-secret") as server:
         assert server.allowed_hosts is None  # clients use whatever name reaches this machine: the token guards it
         auth = {"Authorization": "Bearer a-long-shared-secret"}
         assert _request(server, "GET", "/health", headers={"Host": "scorer:8900", **auth})[0] == 200
@@ -384,7 +371,7 @@ def test_remote_reward_token_from_the_environment_is_never_written(tmp_path: Pat
 
     secret = "tok-9f8e7d6c5b4a"
     monkeypatch.setenv("ALIGNKIT_TEST_REWARD_TOKEN", secret)
-    with _serving(JpegCompressibility(), token=secret) as server:
+    with serving(JpegCompressibility(), token=secret) as server:
         cfg = load_run_config("sd3_tiny_flow_grpo", [
             f"output_dir={tmp_path}", "train.epochs=1", "train.prompts_per_epoch=2", "algo.num_seeds=2",
             "train.rollout_batch_size=4", "train.train_batch_size=4", "backbone.num_steps=3",
@@ -431,7 +418,7 @@ def test_refused_large_batches_get_their_answer_not_a_reset_connection() -> None
     it (it would see a reset and retry, as if the server were down)."""
     recorder = _Recorder()
     x = torch.rand(8, 3, 512, 512)  # about 8 MB as PNG: more than the socket buffers hold
-    with _serving(recorder, max_request_bytes=4 * 2**20, token="the-token") as server:
+    with serving(recorder, max_request_bytes=4 * 2**20, token="the-token") as server:
         with pytest.raises(RemoteRewardError, match=r"rejected a batch of 8 with HTTP 401: .*requires a token"):
             RemoteReward(server.url, **FAST)(x, ["a"] * 8, [{}] * 8)
         with pytest.raises(RemoteRewardError, match=r"rejected a batch of 8 with HTTP 413: request of \d+ bytes"):

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reward_servers import serving
 
 from alignkit import cli
 from alignkit.config import RewardTermConfig
@@ -44,7 +45,7 @@ from alignkit.reward_protocol import (
     encode_scores,
     encode_text,
 )
-from alignkit.reward_server import RewardServer, make_server, to_reward_input
+from alignkit.reward_server import to_reward_input
 from alignkit.reward_set import RewardSet, RewardTerm, resolve_reward
 from alignkit.rewards.common import to_uint8
 from alignkit.rewards.compression import JpegCompressibility
@@ -56,20 +57,6 @@ FAST = {"timeout": 2.0, "retries": 2, "backoff": 0.01}  # client settings for se
 
 def _json_roundtrip(samples: EncodedSamples) -> EncodedSamples:
     return EncodedSamples.from_json(json.loads(json.dumps(samples.to_json())))
-
-
-@contextlib.contextmanager
-def _serving(reward: Callable[..., Any], name: str = "test", **kwargs: Any) -> Iterator[RewardServer]:
-    """The real reward server on a thread, on a free loopback port."""
-    server = make_server(reward, "127.0.0.1", 0, name, **kwargs)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 class _Recorder:
@@ -148,7 +135,7 @@ def test_remote_scores_equal_direct_and_batches_are_split():
     recorder = _Recorder(reward)
     x = _images(10)
     prompts, metadata = [f"p{i}" for i in range(10)], [{"i": i} for i in range(10)]
-    with _serving(recorder, "jpeg") as server:
+    with serving(recorder, "jpeg") as server:
         remote = RemoteReward(server.url, max_batch=4, **FAST)
         assert remote.health() == {"status": "ok", "name": "jpeg", "version": 1}
         scores = remote(x, prompts, metadata)
@@ -168,14 +155,14 @@ def test_prompts_metadata_frames_and_text_reach_the_reward():
         return [float(len(s)) for s in samples]
 
     prompts, metadata = ["a", "bb", "ccc"], [{"w": 0.5}, {"w": 1.5}, {"w": -1.0}]
-    with _serving(by_prompt) as server:
+    with serving(by_prompt) as server:
         assert RemoteReward(server.url, **FAST)(_images(3), prompts, metadata) == [1.5, 3.5, 2.0]
     video = torch.rand(3, 2, 3, 8, 8)
     quantised = torch.from_numpy(to_uint8(video.reshape(6, 3, 8, 8))).float().div(255).reshape(3, 2, 8, 8, 3)
-    with _serving(video_mean) as server:
+    with serving(video_mean) as server:
         got = RemoteReward(server.url, max_batch=2, **FAST)(video, prompts, metadata)
     assert got == pytest.approx(quantised.mean(dim=(1, 2, 3, 4)).tolist(), abs=1e-6)
-    with _serving(text_len) as server:
+    with serving(text_len) as server:
         assert RemoteReward(server.url, kind="text", **FAST)(["x", "yy", "ünï"], prompts, metadata) == [1, 2, 3]
 
 
@@ -183,7 +170,7 @@ def test_none_and_nan_round_trip_and_are_masked():
     def partial(samples: Any, prompts: list[str], metadata: list[dict[str, Any]]) -> list[Any]:
         return [1.5, None, math.nan, math.inf, -2.0, np.float32(0.25)]
 
-    with _serving(partial) as server:
+    with serving(partial) as server:
         remote = RemoteReward(server.url, **FAST)
         assert remote(_images(6), ["p"] * 6, [{}] * 6) == [1.5, None, None, None, -2.0, 0.25]
         table = RewardSet([RewardTerm("remote", remote, 1.0)]).score(_images(6), ["p"] * 6, [{}] * 6)
@@ -204,7 +191,7 @@ def test_reward_failures_are_500s_retried_then_raised(reward_out: str, match: st
             raise ValueError("boom")
         return [1.0]
 
-    with _serving(bad, "bad") as server, pytest.raises(RemoteRewardError, match=match) as info:
+    with serving(bad, "bad") as server, pytest.raises(RemoteRewardError, match=match) as info:
         RemoteReward(server.url, **FAST)(_images(2), ["a", "b"], [{}, {}])
     assert "failed 3 attempt(s)" in str(info.value) and "HTTP 500" in str(info.value)
     assert len(calls) == 3
@@ -259,7 +246,7 @@ def _with(path: str, value: Any) -> bytes:
 )
 def test_bad_requests_get_400_naming_the_field(body: bytes, field: str):
     recorder = _Recorder(lambda s, p, m: [0.0] * len(p))
-    with _serving(recorder) as server:
+    with serving(recorder) as server:
         status, reply = _post(f"{server.url}/score", body)
     assert status == 400
     assert field in reply["error"]
@@ -270,7 +257,7 @@ def test_server_rejects_mixed_sizes_wrong_paths_and_large_bodies():
     mixed = {**_GOOD, "prompts": ["a", "b"], "metadata": [{}, {}],
              "samples": {**_GOOD["samples"], "data": [encode_png(np.zeros((4, 4, 3), np.uint8)),
                                                       encode_png(np.zeros((4, 5, 3), np.uint8))]}}
-    with _serving(lambda s, p, m: [0.0] * len(p), max_request_bytes=4000) as server:
+    with serving(lambda s, p, m: [0.0] * len(p), max_request_bytes=4000) as server:
         status, reply = _post(f"{server.url}/score", json.dumps(mixed).encode())
         assert status == 400 and "samples.data[1]: shape (4, 5, 3) differs" in reply["error"]
         assert _post(f"{server.url}/nope", b"{}")[0] == 404
@@ -289,7 +276,7 @@ def test_hanging_server_times_out_within_bound():
         return [0.0] * len(prompts)
 
     timeout, retries, backoff = 0.3, 2, 0.05
-    with _serving(hang) as server:
+    with serving(hang) as server:
         t0 = time.perf_counter()
         with pytest.raises(RemoteRewardError, match=r"failed 3 attempt\(s\).*timed out after 0.3 s"):
             RemoteReward(server.url, timeout=timeout, retries=retries, backoff=backoff)(_images(1), ["a"], [{}])
