@@ -36,16 +36,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.metadata
 import json
 import logging
 import math
 import os
-import platform
 import re
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -558,41 +555,19 @@ def matmul_ceiling(device: torch.device, n: int, dtype: torch.dtype, iters: int 
 # --- provenance ----------------------------------------------------------------------------------------------------
 
 
-def _git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
 def provenance() -> dict[str, Any]:
-    """Commit, versions, threads and load, for every results file.
-
-    The commit is ``git rev-parse HEAD`` of this checkout (with a dirty flag), or ``$ALIGNKIT_COMMIT`` where the
-    tree is a plain copy without ``.git`` (the device machine; ``bench/device_check.sh`` passes it on).
-    """
-    commit, dirty = _git("rev-parse", "HEAD"), None
-    if commit is not None:
-        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
-    else:
-        commit = os.environ.get("ALIGNKIT_COMMIT") or "unknown: no git checkout and ALIGNKIT_COMMIT unset"
-    versions = {"python": platform.python_version()}
-    for name in ("torch", "diffusers", "transformers", "accelerate", "peft", "numpy", "alignkit"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    versions["cuda"] = torch.version.cuda
-    versions["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    """Commit, versions, threads and load, for every results file: :func:`alignkit.provenance.environment` (the
+    commit is ``git rev-parse HEAD`` of alignkit's checkout, or ``$ALIGNKIT_COMMIT`` where the tree is a plain copy
+    without ``.git``: the device machine, ``bench/device_check.sh`` passes it on) plus cuDNN, the interop threads,
+    the load average and the alignkit folder this ran."""
     import alignkit
+    from alignkit.provenance import environment
 
-    return {"commit": commit, "dirty": dirty, "versions": versions,
-            "alignkit_path": str(Path(alignkit.__file__).parent),
-            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-            "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg()),
-            "platform": platform.platform(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "argv": sys.argv}
+    out = environment()
+    out["versions"]["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    out.update({"alignkit_path": str(Path(alignkit.__file__).parent),
+                "torch_interop_threads": torch.get_num_interop_threads(), "load_average_start": list(os.getloadavg())})
+    return out
 
 
 def device_name(device: torch.device) -> str:
