@@ -612,18 +612,6 @@ class Run:
         return math.inf if self.deadline is None else self.deadline - time.monotonic()
 
 
-def distinct_inputs(rollout: Any, rows: torch.Tensor) -> int:
-    """Distinct (state, step, prompt) inputs among transitions ``rows``: what a training forward must evaluate
-    (TempFlow-GRPO's children of one branch point share their input)."""
-    if not len(rows):
-        return 0
-    tr = rollout.transitions.select(rows)
-    prompt = rollout.keys.prompt_index[tr.sample_index].to(tr.state.device)
-    key = torch.cat([tr.state.flatten(1).float(), tr.step.to(tr.state.device).float()[:, None],
-                     prompt.float()[:, None]], dim=1)
-    return int(torch.unique(key, dim=0).shape[0])
-
-
 def measure_flops(trainer: Any, sampler: Any, rollout: Any) -> dict[str, Any]:
     """FLOPs per row of each kind of work, counted on the first transition of ``rollout``; closed-form checks."""
     from alignkit.types import index_batch
@@ -782,7 +770,7 @@ def measure(algo: str, pipe: Any, run: Run) -> dict[str, Any]:
             last.update({
                 "warmup": e == 0, "samples": len(rollout.keys), "nfe": rollout.nfe, "prompts": len(rollout.prompts),
                 "trained_transitions": len(trained) * cfg.train.inner_epochs,
-                "distinct_train_inputs": distinct_inputs(rollout, trained) * cfg.train.inner_epochs,
+                "distinct_train_inputs": stats["train/distinct_inputs"],  # the update's own count (inner epochs summed)
                 "train_stats": {k.removeprefix("train/"): v for k, v in stats.items()},
             })
             if stats["train/skipped_steps"] or not math.isfinite(stats["train/loss"]):

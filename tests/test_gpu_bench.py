@@ -7,7 +7,7 @@ import importlib.util
 import sys
 import zipfile
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 
 import pytest
 import torch
@@ -112,18 +112,6 @@ def test_model_flops_leave_out_recomputation_and_hardware_flops_count_it(pipe) -
     # the recomputed part is the checkpointed blocks' forward: most of one forward, never more
     assert 0.9 * forward < hardware - model <= forward
     assert model > 2 * forward  # forward + backward of the full model
-
-
-def test_distinct_inputs_count_shared_branch_inputs_once() -> None:
-    """Three branch points with two children each: six transitions, three distinct (state, step, prompt) inputs."""
-    states = torch.randn(3, 4, 2, 2).repeat_interleave(2, 0)
-    rollout = SimpleNamespace(
-        transitions=SimpleNamespace(select=lambda rows: SimpleNamespace(
-            state=states[rows], step=torch.tensor([0, 0, 1, 1, 2, 2])[rows], sample_index=rows)),
-        keys=SimpleNamespace(prompt_index=torch.zeros(6, dtype=torch.long)))
-    assert gt.distinct_inputs(rollout, torch.arange(6)) == 3
-    assert gt.distinct_inputs(rollout, torch.tensor([0, 2, 4])) == 3
-    assert gt.distinct_inputs(rollout, torch.tensor([], dtype=torch.long)) == 0
 
 
 def test_phase_clock_splits_stages_into_phases_and_the_rest() -> None:
