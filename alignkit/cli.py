@@ -359,7 +359,7 @@ def _unsupported_launch() -> str | None:
             continue
         if on:
             return (f"{what} is not supported ({var}={os.environ[var]}): alignkit shards the model itself. Launch "
-                    "plain data parallel processes (accelerate launch --multi_gpu --num_processes N -m alignkit.cli "
+                    "plain data parallel processes (accelerate launch --multi_gpu --num_processes N -m alignkit "
                     "train RECIPE, without --use_fsdp / --use_deepspeed, and no FSDP or DeepSpeed in `accelerate "
                     "config`) and set train.sharding=fsdp to shard parameters, gradients and optimizer state")
     return None

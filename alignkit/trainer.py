@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import weakref
 from dataclasses import dataclass, replace
@@ -32,6 +33,7 @@ from alignkit.checkpoint import (
 )
 from alignkit.config import ConfigError, RunConfig, to_dict
 from alignkit.cost import FlopMeter
+from alignkit.cpu_threads import configure_threads
 from alignkit.credit import CreditAssigner
 from alignkit.distributed import Gathered, Shard, canonical_order, gather_rollout, on_every_process
 from alignkit.ema import EMA
@@ -127,6 +129,8 @@ class Trainer:
             **tracker_settings(self.out, cfg.train.log_with if tensorboard else []),
         )
         self.shard = Shard(self.accelerator.process_index, self.accelerator.num_processes)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or (self.shard.world_size if self.shard.distributed else 1)
+        self.threads = configure_threads(cfg.train.cpu_threads, local)
         self.fsdp = cfg.train.sharding == "fsdp" and self.shard.distributed
         if cfg.train.sharding == "fsdp" and not self.shard.distributed:
             logger.warning("train.sharding=fsdp with one process: nothing to shard, the model stays whole")
@@ -314,6 +318,7 @@ class Trainer:
         cfg = self.cfg
         if self.is_main:
             logger.info("%s", describe_run(cfg))
+            logger.info("%s", self.threads.describe())
             append_environment(self.out, {"start_epoch": self.state.epoch,
                                           **environment(self.device, self.shard.world_size)})
         bar = tqdm(total=cfg.train.epochs, initial=self.state.epoch, desc="alignkit", unit="epoch",
