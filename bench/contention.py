@@ -7,7 +7,8 @@ first). Competitors are single-threaded busy processes (a 384x384 fp32 matmul an
 * ``alignkit``: nothing set; the ``alignkit`` command chooses threads and OpenMP waiting (alignkit.cpu_threads);
 * ``one_thread``: ``OMP_NUM_THREADS=1``;
 * ``libgomp``: ``ALIGNKIT_OPENMP_CHOICE`` set so alignkit leaves libgomp's default waiting (the behaviour before
-  alignkit.cpu_threads), measured beside two competitors only, to show what the choice fixes.
+  alignkit.cpu_threads), measured beside two competitors only and in the first ``--libgomp-reps`` repetitions,
+  to show what the choice fixes.
 
 Repetitions are interleaved (every condition and setting once per repetition, the settings in a rotating order)
 and ratios are paired within a repetition: ``alignkit / one_thread`` in each condition and ``alignkit beside k /
@@ -40,7 +41,7 @@ logger = logging.getLogger("bench.contention")
 RECIPES: dict[str, list[str]] = {
     # the default recipe's epoch (no held-out evaluation inside the timed epochs)
     "default": ["default", "train.epochs=3", "eval.before_after=false", "eval.every=1000"],
-    "sd3_tiny": ["sd3_tiny_flow_grpo", "train.epochs=8", "eval.before_after=false"],
+    "sd3_tiny": ["sd3_tiny_flow_grpo", "train.epochs=6", "eval.before_after=false"],
 }
 SETTINGS: dict[str, dict[str, str]] = {
     "alignkit": {},
@@ -86,6 +87,8 @@ def ratio(pairs: list[tuple[float, float]]) -> dict[str, float | int | list[floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--libgomp-reps", type=int, default=2,
+                        help="repetitions that also time libgomp's default waiting (slow: 5-15x the others)")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--out", type=Path, default=Path("bench/results/contention.json"))
     args = parser.parse_args()
@@ -101,7 +104,8 @@ def main() -> None:
                     busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(condition)]
                     try:
                         time.sleep(1.0 if busy else 0.0)
-                        settings = [s for c, s in plan if c == condition]
+                        settings = [s for c, s in plan if c == condition
+                                    and (s != "libgomp" or rep < args.libgomp_reps)]
                         k = rep % len(settings)
                         for setting in settings[k:] + settings[:k]:  # rotating order
                             m = epoch_seconds(recipe, setting, Path(tmp))
@@ -117,13 +121,14 @@ def main() -> None:
     summary: dict[str, dict] = {}
     for recipe, rows in results.items():
         def pairs(a: str, b: str, rows: list[dict] = rows) -> list[tuple[float, float]]:
-            return [(r[a]["epoch_s"], r[b]["epoch_s"]) for r in rows if "epoch_s" in r[a] and "epoch_s" in r[b]]
+            return [(r[a]["epoch_s"], r[b]["epoch_s"]) for r in rows
+                    if "epoch_s" in r.get(a, {}) and "epoch_s" in r.get(b, {})]
 
         s = {f"alignkit/one_thread beside {c}": ratio(pairs(f"alignkit@{c}", f"one_thread@{c}")) for c in CONDITIONS}
         s.update({f"alignkit beside {c} / alignkit idle": ratio(pairs(f"alignkit@{c}", "alignkit@0"))
                   for c in CONDITIONS[1:]})
         s["libgomp default/alignkit beside 2"] = ratio(pairs("libgomp@2", "alignkit@2"))
-        s["median epoch_s"] = {key: statistics.median(r[key]["epoch_s"] for r in rows if "epoch_s" in r[key])
+        s["median epoch_s"] = {key: statistics.median(r[key]["epoch_s"] for r in rows if "epoch_s" in r.get(key, {}))
                                for key in rows[0]}
         s["failures"] = sum("error" in m for r in rows for m in r.values())
         upper_t1 = s["alignkit/one_thread beside 2"]["ci95"][1]
