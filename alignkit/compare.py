@@ -4,8 +4,8 @@ group at equal compute and the paired held-out difference between groups.
 * **Groups.** Runs whose composed configurations are equal except for the seed, the run folder and bookkeeping
   (:data:`IGNORED`) form one group; their seeds are pooled: curves are the mean over runs with a t-based 95%
   band, scores the mean over runs with its 95% interval (undefined for one run).
-* **Axis.** ``epoch``, ``nfe`` (rollout model evaluations), ``flops`` (total model FLOPs, ``cost/flops_total``)
-  or ``time`` (training seconds); :data:`alignkit.run_dir.AXES`.
+* **Axis.** ``epoch``, ``nfe`` (rollout model evaluations), ``flops`` (total model FLOPs, ``cost/flops_total``),
+  ``time`` (training seconds) or ``cpu`` (process CPU seconds); :data:`alignkit.run_dir.AXES`.
 * **Equal compute.** The budget is the final value on the axis of the cheapest run of the cheapest group; every
   run's held-out curve (its evaluations, linearly interpolated between them) is read at that budget.
 * **Paired difference.** Each group's final held-out evaluation (the latest of an unfinished run), its runs
@@ -219,7 +219,7 @@ def compare_runs(paths: Sequence[Path | str], axis: str = "nfe", reward: str = A
 
     Args:
         paths: run folders; the first one's group is the baseline of the paired differences.
-        axis: ``epoch``, ``nfe``, ``flops`` or ``time``.
+        axis: ``epoch``, ``nfe``, ``flops``, ``time`` or ``cpu``.
         reward: the held-out score compared: ``aggregate`` (the weighted sum of the training rewards) or a reward.
 
     Raises:
@@ -279,7 +279,7 @@ def _pm(e: Estimate | None, signed: bool = False) -> str:
 
 def comparison_rows(c: Comparison) -> list[list[str]]:
     """The table (header first): one row per group."""
-    unit = c.axis if c.axis != "time" else "s"
+    unit = {"time": "s", "cpu": "CPU s"}.get(c.axis, c.axis)
     rows = [["group", "runs", f"final {unit}", "held-out before", "held-out final",
              f"at {format_count(c.budget)} {unit}", "final - baseline (paired)"]]
     for r in c.results:
