@@ -34,7 +34,7 @@ from alignkit.stats import Estimate, interpolate, mean_estimate, paired_differen
 from alignkit.summary import AGGREGATE, format_count, text_table
 
 __all__ = ["IGNORED", "Comparison", "GroupResult", "RunGroup", "compare_runs", "format_comparison",
-           "group_runs", "write_comparison_html"]
+           "group_runs", "heldout_curve", "mean_band", "write_comparison_html"]
 
 IGNORED = ("seed", "output_dir", "recipe", "train.resume", "train.checkpoint_every", "train.keep_checkpoints",
            "train.sample_every", "eval.every", "eval.batch_size", "eval.checkpoint")
@@ -297,8 +297,10 @@ def format_comparison(c: Comparison) -> str:
     return "\n".join(lines)
 
 
-def _band(xs_list: list[list[float]], ys_list: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
-    """Mean and 95% half-width over runs of curves, on the union of their x inside the common range."""
+def mean_band(xs_list: Sequence[Sequence[float]], ys_list: Sequence[Sequence[float]]
+              ) -> tuple[list[float], list[float], list[float]]:
+    """Mean and 95% half-width over runs of curves (each interpolated linearly), on the union of their x inside
+    the range all of them cover."""
     lo = max(xs[0] for xs in xs_list)
     hi = min(xs[-1] for xs in xs_list)
     grid = sorted({x for xs in xs_list for x in xs if lo <= x <= hi})
@@ -320,7 +322,7 @@ def _curves_figure(c: Comparison) -> str:
             curves = [cv for cv in curves if cv[0]]
             if not curves:
                 continue
-            grid, mean, half = _band([cv[0] for cv in curves], [cv[1] for cv in curves])
+            grid, mean, half = mean_band([cv[0] for cv in curves], [cv[1] for cv in curves])
             line = ax.plot(grid, mean, "o-" if ax is axs[0] else "-", ms=3, lw=1.3,
                            label=f"{r.group.label} ({len(curves)} run{'s' * (len(curves) > 1)})")[0]
             ax.fill_between(grid, [m - h for m, h in zip(mean, half, strict=True)],
