@@ -183,19 +183,8 @@ def run_all(args: argparse.Namespace) -> None:
     runs_dir = args.out / "runs"
     plan_file = args.out / "plan.json"
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    if args.resume and plan_file.is_file():
-        plan = json.loads(plan_file.read_text())
-        missing = sorted(set(args.methods) - set(plan["methods"]))
-        if missing:
-            raise SystemExit(f"--resume: {plan_file} has no calibration of {missing}; rerun them into another --out")
-    else:
-        plan = calibrate(args.methods, args.overrides, args.budget_flops, threads)
-        plan.update(split=args.split, noises=args.noises, extra=args.overrides, recipe=RECIPE,
-                    calibrated_with=environment())
-        args.out.mkdir(parents=True, exist_ok=True)
-        plan_file.write_text(json.dumps(plan, indent=1))
     jobs = []
-    for seed in args.seeds:
+    for seed in args.seeds:  # folders are checked before any calibration runs
         for method in args.methods:
             folder = runs_dir / f"{method}_s{seed}"
             if folder.exists():
@@ -208,6 +197,17 @@ def run_all(args: argparse.Namespace) -> None:
                     logger.info("%s finished: kept", folder.name)
                     continue
             jobs.append((method, seed, folder))
+    if args.resume and plan_file.is_file():
+        plan = json.loads(plan_file.read_text())
+        missing = sorted(set(args.methods) - set(plan["methods"]))
+        if missing:
+            raise SystemExit(f"--resume: {plan_file} has no calibration of {missing}; rerun them into another --out")
+    else:
+        plan = calibrate(args.methods, args.overrides, args.budget_flops, threads)
+        plan.update(split=args.split, noises=args.noises, extra=args.overrides, recipe=RECIPE,
+                    calibrated_with=environment())
+        args.out.mkdir(parents=True, exist_ok=True)
+        plan_file.write_text(json.dumps(plan, indent=1))
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(train_run, run_overrides(m, plan, s, args.resume and f.exists()), f, threads): (m, s)
                    for m, s, f in jobs}
@@ -321,8 +321,9 @@ def _prompt_paired(runs: dict[str, dict[int, RunDir]], reward: str) -> dict[str,
                                    "(prompt, noise); 95% t interval over prompts"}
     for result in comparison.results:
         members = {r.path for r in result.group.runs}
-        method = next(m for m in order if {r.path for r in runs[m].values()} == members)
-        out[method] = {"final": _est(result.final), "diff_vs_baseline": _est(result.paired)}
+        method = next((m for m in order if {r.path for r in runs[m].values()} == members), result.group.label)
+        out[method] = {"final": _est(result.final), "diff_vs_baseline": _est(result.paired),
+                       "runs": sorted(r.path.name for r in result.group.runs)}
     return out
 
 
