@@ -6,7 +6,7 @@
     alignkit list  [KIND]                      recipes, config group options, registered components
     alignkit serve-reward NAME [--host H] [--port P] [--kwargs JSON]    serve a reward over HTTP
     alignkit report RUN_DIR [-o HTML]          a self-contained report.html of a run
-    alignkit compare RUN [RUN ...] [--axis epoch|nfe|flops|time]    runs grouped by recipe, at equal compute
+    alignkit compare RUN [RUN ...] [--axis epoch|nfe|flops|time|cpu]    runs grouped by recipe, at equal compute
     alignkit --version
 
 RECIPE is a shipped recipe name (``alignkit list``) or a path to your own YAML recipe file; options
@@ -289,7 +289,8 @@ def command_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (output_dir of alignkit train)")
         parser.add_argument("--axis", default="nfe", metavar="AXIS",
                             help="compute axis of the curves and of equal compute: epoch, nfe (rollout model "
-                                 "evaluations, default), flops (total model FLOPs) or time (training seconds)")
+                                 "evaluations, default), flops (total model FLOPs), time (training seconds) or cpu "
+                                 "(process CPU seconds)")
         parser.add_argument("--reward", default="aggregate",
                             help="held-out score compared: aggregate (weighted sum of the training rewards, default) "
                                  "or a reward's name")

@@ -443,7 +443,8 @@ class PromptsConfig:
     shuffle: bool = field(default=True, metadata={
         "help": "Draw each epoch's prompts in a random order (false: in file order)."})
     options: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "Settings of a registered source (e.g. train_size, eval_size, seed, categories for shapes)."})
+        "help": "Settings of a registered source (e.g. train_size, eval_size, seed, categories, eval_split for the "
+                "worlds; eval_split: validation (default) for choices, test for reported results)."})
 
 
 @dataclass

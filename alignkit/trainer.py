@@ -330,7 +330,7 @@ class Trainer:
                     before = self.evaluate_heldout("eval_before")
                     if self.is_main:
                         self.metrics.write(0, {"epoch": 0.0, "global_step": 0.0, "rollout/nfe_total": 0.0,
-                                               "time/total_s": 0.0, **before})
+                                               "time/total_s": 0.0, "time/cpu_total_s": 0.0, **before})
                         bar.write("held-out before training: " + _fmt(before))
                         bar.set_postfix(heldout=f"{self._last_heldout:.3f}")
                 while self.state.epoch < cfg.train.epochs:
@@ -349,7 +349,8 @@ class Trainer:
         abandons the epoch (nothing of it is kept); once the update ran, the epoch is completed."""
         cfg = self.cfg
         epoch, steps_before = self.state.epoch, self.state.global_step
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.meter.take_seconds()  # model time of this epoch only
         rolled = self.rollout(epoch)
         t1 = time.perf_counter()
         try:
@@ -366,11 +367,14 @@ class Trainer:
         self.plan.observe(rolled.schedule, gathered.keys, scored.credit, scored.groups)
         self._count_masked(gathered, scored)
         stats = self.optimize(rolled.rollout, gathered, scored.credit, epoch)
-        t3 = time.perf_counter()
+        t3, cpu = time.perf_counter(), time.process_time() - c0
         self.state.epoch += 1
         self.state.nfe_total += gathered.nfe
         self.state.seconds_total += t3 - t0
+        self.state.cpu_seconds_total += cpu
         metrics = self._epoch_metrics(gathered, scored, stats, (t0, t1, t2, t3))
+        metrics["time/cpu_s"], metrics["time/cpu_total_s"] = cpu, self.state.cpu_seconds_total
+        metrics["time/model_s"] = sum(self.meter.take_seconds().values())
         metrics.update(self._cost_metrics(gathered, stats, self.state.global_step - steps_before))
         last = self.state.epoch == cfg.train.epochs
         if (cfg.eval.every and self.state.epoch % cfg.eval.every == 0) or (last and cfg.eval.before_after):

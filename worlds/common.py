@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,15 @@ from typing import Any
 from alignkit.config import PromptsConfig
 from alignkit.prompts import PromptSet
 
-_OPTIONS = ("train_size", "eval_size", "seed", "categories")
+_OPTIONS = ("train_size", "eval_size", "seed", "categories", "eval_split")
+EVAL_SPLITS = ("validation", "test")
+"""Values of ``prompts.options.eval_split``: the held-out prompts choices are made on (``validation``, the default)
+and the ones results are reported on (``test``)."""
+TEST_EXCLUDED_SEEDS = (0, 1, 2, 3)
+TEST_EXCLUDED_FIRST = 256
+"""The ``test`` split leaves out every caption among the first :data:`TEST_EXCLUDED_FIRST` of the validation draw
+of each seed in :data:`TEST_EXCLUDED_SEEDS` (all categories, and the chosen ones), and of the run's own seed (at
+least its ``eval_size``): past choices were tuned on validation draws of seed 0 with 64 or 96 prompts."""
 
 
 def shipped_folder(folder: Path, marker: str, what: str, command: str) -> Path:
@@ -23,13 +32,36 @@ def shipped_folder(folder: Path, marker: str, what: str, command: str) -> Path:
     return folder
 
 
+def test_seed(seed: int) -> int:
+    """The seed of the ``test`` draw for ``prompts.options.seed``: a stream of its own (SHA-256 of a label), so it
+    never coincides with a validation draw's seed."""
+    return int.from_bytes(hashlib.sha256(f"alignkit test split {seed}".encode()).digest()[:8], "big")
+
+
+def validation_captions(draw: Callable[..., Sequence[Any]], seed: int, eval_size: int,
+                        categories: Sequence[str] | None) -> set[str]:
+    """The captions the ``test`` split leaves out (see :data:`TEST_EXCLUDED_FIRST`)."""
+    out: set[str] = set()
+    draws = [(s, TEST_EXCLUDED_FIRST) for s in TEST_EXCLUDED_SEEDS] + [(seed, max(TEST_EXCLUDED_FIRST, eval_size))]
+    for cats in {None, tuple(categories) if categories is not None else None}:
+        for s, n in draws:
+            out |= {spec.caption() for spec in draw(n, s, "heldout", categories=list(cats) if cats else None)}
+    return out
+
+
 def split_prompt_sets(
     cfg: PromptsConfig, source: str, draw: Callable[..., Sequence[Any]], categories_all: Sequence[str],
     default_eval_size: int,
 ) -> tuple[PromptSet, PromptSet]:
-    """Train / held-out prompt sets drawn by ``draw(n, seed, split, categories=...)`` from a world.
+    """Train / held-out prompt sets drawn by ``draw(n, seed, split, categories=..., exclude=...)`` from a world.
 
-    Shared by every world; ``source`` names the prompt source in error messages.
+    The held-out set is the ``validation`` draw (``prompts.options.eval_split``, the default: ``draw(eval_size,
+    seed, "heldout")``) or the ``test`` draw: held-out captions from another random stream (:func:`test_seed`)
+    that excludes every caption of the validation draws (:func:`validation_captions`). Shared by every world;
+    ``source`` names the prompt source in error messages.
+
+    Raises:
+        ValueError: an unknown option, unknown categories or ``eval_split``, or too few captions left for ``test``.
     """
     opts = dict(cfg.options)
     unknown = sorted(set(opts) - set(_OPTIONS))
@@ -39,11 +71,25 @@ def split_prompt_sets(
     categories = opts.get("categories")
     if categories is not None and not set(categories) <= set(categories_all):
         raise ValueError(f"prompts.options.categories={categories}: choose from {list(categories_all)}")
+    eval_split = opts.get("eval_split", "validation")
+    if eval_split not in EVAL_SPLITS:
+        raise ValueError(f"prompts.options.eval_split={eval_split!r} is not a held-out split; use validation (the "
+                         "prompts choices are made on, the default) or test (for reported results)")
     seed = int(opts.get("seed", 0))
+    eval_size = int(opts.get("eval_size", default_eval_size))
 
-    def make(n: int, split: str) -> PromptSet:
-        specs = draw(n, seed, split, categories=categories)
+    def make(specs: Sequence[Any]) -> PromptSet:
         return PromptSet([s.caption() for s in specs], [s.to_metadata() for s in specs])
 
-    return (make(int(opts.get("train_size", 512)), "train"),
-            make(int(opts.get("eval_size", default_eval_size)), "heldout"))
+    train = make(draw(int(opts.get("train_size", 512)), seed, "train", categories=categories))
+    if eval_split == "validation":
+        return train, make(draw(eval_size, seed, "heldout", categories=categories))
+    exclude = frozenset(validation_captions(draw, seed, eval_size, categories))
+    try:
+        specs = draw(eval_size, test_seed(seed), "heldout", categories=categories, exclude=exclude)
+    except ValueError as exc:
+        raise ValueError(f"prompts.options.eval_split=test: {exc} (the test split of source {source!r} leaves out "
+                         f"the {len(exclude)} captions of the validation draws); too few held-out captions are left: "
+                         "use more prompts.options.categories, a smaller prompts.options.eval_size or "
+                         "eval_split=validation") from None
+    return train, make(specs)

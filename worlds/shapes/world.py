@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,7 +243,8 @@ def sample_spec(rng: random.Random, categories: Sequence[str] | None = None) -> 
 
 
 def prompt_set(
-    n: int, seed: int, split: str = "train", categories: Sequence[str] | None = None
+    n: int, seed: int, split: str = "train", categories: Sequence[str] | None = None,
+    exclude: Collection[str] = frozenset(),
 ) -> list[PromptSpec]:
     """``n`` prompts drawn with :func:`sample_spec` from ``random.Random(seed)``, keeping one split.
 
@@ -252,23 +253,41 @@ def prompt_set(
         seed: seed of the draw; the same arguments give the same list.
         split: ``"train"`` or ``"heldout"`` (see :func:`split_of`), or ``"all"``.
         categories: categories to draw from (all by default).
+        exclude: captions never drawn (:func:`draw_split`).
     """
-    return draw_split(n, seed, split, lambda rng: sample_spec(rng, categories))
+    return draw_split(n, seed, split, lambda rng: sample_spec(rng, categories), exclude)
 
 
-def draw_split(n: int, seed: int, split: str, sample: Callable[[random.Random], Any]) -> list[Any]:
-    """``n`` specs ``sample(rng)`` from ``random.Random(seed)`` whose caption falls in ``split`` (or ``"all"``).
+MAX_DRAWS_PER_PROMPT = 10_000
+""":func:`draw_split` gives up after this many rejected draws per prompt asked for (a split with nothing left)."""
+
+
+def draw_split(n: int, seed: int, split: str, sample: Callable[[random.Random], Any],
+               exclude: Collection[str] = frozenset()) -> list[Any]:
+    """``n`` specs ``sample(rng)`` from ``random.Random(seed)`` whose caption falls in ``split`` (or ``"all"``) and
+    is not in ``exclude`` (with no exclusion, the same list as before the option existed).
 
     Shared by the shapes worlds (image and video): a spec is anything with a ``caption()``.
+
+    Raises:
+        ValueError: an unknown split, or no caption of the split left outside ``exclude``
+            (:data:`MAX_DRAWS_PER_PROMPT` draws per prompt found too few).
     """
     if split not in (*SPLITS, "all"):
         raise ValueError(f"split={split!r} is unknown; use one of {(*SPLITS, 'all')}")
     rng = random.Random(seed)
     out: list[Any] = []
+    limit = MAX_DRAWS_PER_PROMPT * max(n, 1)
+    draws = 0
     while len(out) < n:
         spec = sample(rng)
-        if split == "all" or split_of(spec.caption()) == split:
+        draws += 1
+        caption = spec.caption()
+        if (split == "all" or split_of(caption) == split) and caption not in exclude:
             out.append(spec)
+        elif draws >= limit:
+            raise ValueError(f"found {len(out)} of {n} {split} captions in {draws} draws outside the "
+                             f"{len(exclude)} excluded ones")
     return out
 
 
