@@ -4,7 +4,8 @@ Each measurement is a fresh ``python -m alignkit train RECIPE`` process (the Ope
 torch loads), timed by the run's own per-epoch clock (``time/epoch_s``; the median over the epochs after the
 first). Competitors are single-threaded busy processes (a 384x384 fp32 matmul and tanh in a loop). Settings:
 
-* ``alignkit``: nothing set; the ``alignkit`` command chooses threads and OpenMP waiting (alignkit.cpu_threads);
+* ``alignkit``: nothing set; the ``alignkit`` command chooses threads (the usable CPUs less those other processes
+  keep busy at start) and OpenMP waiting (alignkit.cpu_threads);
 * ``one_thread``: ``OMP_NUM_THREADS=1``;
 * ``libgomp``: ``ALIGNKIT_OPENMP_CHOICE`` set so alignkit leaves libgomp's default waiting (the behaviour before
   alignkit.cpu_threads), measured beside two competitors only and in the first ``--libgomp-reps`` repetitions,
@@ -46,11 +47,13 @@ RECIPES: dict[str, list[str]] = {
 SETTINGS: dict[str, dict[str, str]] = {
     "alignkit": {},
     "one_thread": {"OMP_NUM_THREADS": "1"},
-    "libgomp": {"ALIGNKIT_OPENMP_CHOICE": "libgomp default (bench/contention.py)"},
+    # before alignkit.cpu_threads: every usable CPU, libgomp's default waiting
+    "libgomp": {"ALIGNKIT_OPENMP_CHOICE": "libgomp default (bench/contention.py)", "ALIGNKIT_CPUS_BUSY": "0"},
 }
 CONDITIONS = (0, 1, 2)  # competing busy processes
 BUSY = "import torch\ntorch.set_num_threads(1)\na = torch.randn(384, 384)\nwhile True:\n    a = torch.tanh(a @ a)\n"
-CLEAN = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "ALIGNKIT_OPENMP_CHOICE", "MKL_NUM_THREADS")
+CLEAN = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "ALIGNKIT_OPENMP_CHOICE", "ALIGNKIT_CPUS_BUSY",
+         "MKL_NUM_THREADS")
 
 
 def epoch_seconds(recipe: str, setting: str, workdir: Path) -> dict[str, float | str]:

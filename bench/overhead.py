@@ -31,14 +31,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from alignkit.cpu_threads import prepare_openmp
 
-from alignkit.compose import load_run_config
-from alignkit.modalities.image.tiny import SD3_MID_TRANSFORMER, build_tiny_sd3_pipeline
-from alignkit.provenance import environment
-from alignkit.rewards.compression import JpegCompressibility
-from alignkit.stats import mean_estimate
-from alignkit.trainer import Trainer
+prepare_openmp()  # before torch loads, as the alignkit command does (alignkit.cpu_threads)
+
+import torch  # noqa: E402
+
+from alignkit.compose import load_run_config  # noqa: E402
+from alignkit.modalities.image.tiny import SD3_MID_TRANSFORMER, build_tiny_sd3_pipeline  # noqa: E402
+from alignkit.provenance import environment  # noqa: E402
+from alignkit.rewards.compression import JpegCompressibility  # noqa: E402
+from alignkit.stats import mean_estimate  # noqa: E402
+from alignkit.trainer import Trainer  # noqa: E402
 
 logger = logging.getLogger("bench.overhead")
 

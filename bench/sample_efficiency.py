@@ -43,11 +43,15 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from alignkit.compare import compare_runs, heldout_curve, mean_band
-from alignkit.errors import RunFolderError
-from alignkit.provenance import environment, read_environment
-from alignkit.run_dir import AXES, RunDir
-from alignkit.stats import Estimate, by_prompt, first_crossing, interpolate, mean_estimate, seed_paired_difference
+from alignkit.cpu_threads import prepare_openmp
+
+prepare_openmp()  # before torch loads, as the alignkit command does (alignkit.cpu_threads)
+
+from alignkit.compare import compare_runs, heldout_curve, mean_band  # noqa: E402
+from alignkit.errors import RunFolderError  # noqa: E402
+from alignkit.provenance import environment, read_environment  # noqa: E402
+from alignkit.run_dir import AXES, RunDir  # noqa: E402
+from alignkit.stats import Estimate, by_prompt, first_crossing, interpolate, mean_estimate, seed_paired_difference  # noqa: E402
 
 logger = logging.getLogger("bench.sample_efficiency")
 

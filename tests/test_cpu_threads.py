@@ -32,7 +32,8 @@ def _train(out: Path, env: dict[str, str], *overrides: str, one_cpu: bool = Fals
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", cpu_threads.CHOICE_VARIABLE)}
+           if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", cpu_threads.CHOICE_VARIABLE,
+                        cpu_threads.BUSY_VARIABLE)}
     env.update(extra)
     return env
 
@@ -100,3 +101,23 @@ def test_busy_cpus_sees_a_busy_process() -> None:
     finally:
         spinner.kill()
     assert seen >= 0.5
+
+
+@pytest.mark.parametrize("busy", [0.1, 0.9, 1.6, 5.0])
+def test_automatic_threads_leave_out_the_cpus_others_keep_busy(monkeypatch: pytest.MonkeyPatch, busy: float) -> None:
+    """A thread sharing its core with a busy process stalls its team at every join: the automatic count is the
+    usable CPUs less those busy at start (as prepare_openmp saw them), at least one."""
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv(cpu_threads.BUSY_VARIABLE, str(busy))
+    monkeypatch.setattr(cpu_threads, "usable_cpus", lambda: (4, "CPU affinity 4"))
+    try:
+        settings = cpu_threads.configure_threads(0)
+        assert settings.intra_op == torch.get_num_threads() == max(1, 4 - round(busy))
+        assert settings.source.startswith("CPU affinity 4")
+        assert (f"{busy:.1f} busy with other processes at start" in settings.source) == (round(busy) > 0)
+        assert cpu_threads.configure_threads(0, local_processes=2).intra_op == max(1, (4 - round(busy)) // 2)
+    finally:
+        torch.set_num_threads(before)

@@ -36,12 +36,12 @@ def test_test_split_is_disjoint_deterministic_and_leaves_training_alone(source: 
     train_v, val = sets(source)
     train_t, test = sets(source, eval_split="test")
     assert train_t.prompts == train_v.prompts  # the training prompts do not depend on the split
-    assert len(test.prompts) == 64
+    assert len(test.prompts) == 64 and len(set(test.prompts)) == 64  # distinct captions: independent units
     assert not set(test.prompts) & set(val.prompts)
     assert not set(test.prompts) & set(train_v.prompts)
     again = sets(source, eval_split="test")[1]
     assert again.prompts == test.prompts and again.metadata == test.metadata
-    # no caption of the first 256 validation prompts of seeds 0..3 (what past choices were tuned on)
+    # no caption of the first 96 validation prompts of seed 0 (what past choices were tuned on)
     for seed in TEST_EXCLUDED_SEEDS:
         past = SOURCES[source](PromptsConfig(source=source, options={"train_size": 1, "eval_size": TEST_EXCLUDED_FIRST,
                                                                     "seed": seed}))[1]
@@ -49,10 +49,10 @@ def test_test_split_is_disjoint_deterministic_and_leaves_training_alone(source: 
 
 
 def test_shapes_test_split_is_held_out_and_disjoint_for_another_seed() -> None:
-    opts = {"eval_size": 300, "seed": 7}
+    opts = {"eval_size": 60, "seed": 7}
     _, val = shapes_source(PromptsConfig(source="shapes", options=opts))
     _, test = shapes_source(PromptsConfig(source="shapes", options={**opts, "eval_split": "test"}))
-    assert all(split_of(c) == "heldout" for c in test.prompts)
+    assert all(split_of(c) == "heldout" for c in test.prompts) and len(set(test.prompts)) == 60
     assert not set(test.prompts) & set(val.prompts)
     # each prompt carries its own spec as metadata (what ShapeEval scores against)
     assert [parse_caption(c).to_metadata() for c in test.prompts] == test.metadata
@@ -65,6 +65,7 @@ def test_bad_eval_split_names_the_field_and_the_values() -> None:
 
 def test_test_split_with_nothing_left_says_so() -> None:
     # every held-out 'single' caption is in the validation draws: nothing is left for a test split
-    with pytest.raises(ValueError, match=r"prompts\.options\.eval_split=test: .*too few held-out captions"):
+    with pytest.raises(ValueError, match=r"prompts\.options\.eval_split=test: prompts\.options\.eval_size=2 distinct "
+                                         r"test captions asked, [01] found .*at most"):
         shapes_source(PromptsConfig(source="shapes", options={"eval_size": 2, "categories": ["single"],
                                                               "eval_split": "test"}))

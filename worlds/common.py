@@ -14,11 +14,15 @@ _OPTIONS = ("train_size", "eval_size", "seed", "categories", "eval_split")
 EVAL_SPLITS = ("validation", "test")
 """Values of ``prompts.options.eval_split``: the held-out prompts choices are made on (``validation``, the default)
 and the ones results are reported on (``test``)."""
-TEST_EXCLUDED_SEEDS = (0, 1, 2, 3)
-TEST_EXCLUDED_FIRST = 256
-"""The ``test`` split leaves out every caption among the first :data:`TEST_EXCLUDED_FIRST` of the validation draw
-of each seed in :data:`TEST_EXCLUDED_SEEDS` (all categories, and the chosen ones), and of the run's own seed (at
-least its ``eval_size``): past choices were tuned on validation draws of seed 0 with 64 or 96 prompts."""
+TEST_EXCLUDED_SEEDS = (0,)
+TEST_EXCLUDED_FIRST = 96
+"""The ``test`` split leaves out every caption among the first :data:`TEST_EXCLUDED_FIRST` prompts of the validation
+draw of each seed in :data:`TEST_EXCLUDED_SEEDS` (all categories, and the chosen ones), and of the run's own seed
+(at least its ``eval_size``): every past choice (recipes, learning rates, epochs, schedules) was made on validation
+draws of seed 0 with 64 or 96 prompts."""
+TEST_DRAWS_PER_PROMPT = 50
+"""The ``test`` draw keeps distinct captions only (a repeated caption is not a new unit of evidence): it draws up to
+this many specs per prompt to find them."""
 
 
 def shipped_folder(folder: Path, marker: str, what: str, command: str) -> Path:
@@ -56,8 +60,8 @@ def split_prompt_sets(
     """Train / held-out prompt sets drawn by ``draw(n, seed, split, categories=..., exclude=...)`` from a world.
 
     The held-out set is the ``validation`` draw (``prompts.options.eval_split``, the default: ``draw(eval_size,
-    seed, "heldout")``) or the ``test`` draw: held-out captions from another random stream (:func:`test_seed`)
-    that excludes every caption of the validation draws (:func:`validation_captions`). Shared by every world;
+    seed, "heldout")``) or the ``test`` draw: distinct held-out captions from another random stream
+    (:func:`test_seed`), none of them in the validation draws (:func:`validation_captions`). Shared by every world;
     ``source`` names the prompt source in error messages.
 
     Raises:
@@ -85,11 +89,25 @@ def split_prompt_sets(
     if eval_split == "validation":
         return train, make(draw(eval_size, seed, "heldout", categories=categories))
     exclude = frozenset(validation_captions(draw, seed, eval_size, categories))
-    try:
-        specs = draw(eval_size, test_seed(seed), "heldout", categories=categories, exclude=exclude)
-    except ValueError as exc:
-        raise ValueError(f"prompts.options.eval_split=test: {exc} (the test split of source {source!r} leaves out "
-                         f"the {len(exclude)} captions of the validation draws); too few held-out captions are left: "
-                         "use more prompts.options.categories, a smaller prompts.options.eval_size or "
-                         "eval_split=validation") from None
+    specs: list[Any] = []
+    seen: set[str] = set()
+    pool: Sequence[Any] = []
+    for n in (eval_size * TEST_DRAWS_PER_PROMPT, eval_size):  # a draw without replacement refuses the larger n
+        try:
+            pool = draw(n, test_seed(seed), "heldout", categories=categories, exclude=exclude)
+            break
+        except ValueError:
+            continue
+    for spec in pool:
+        if spec.caption() not in seen:
+            seen.add(spec.caption())
+            specs.append(spec)
+            if len(specs) == eval_size:
+                break
+    if len(specs) < eval_size:
+        raise ValueError(f"prompts.options.eval_split=test: prompts.options.eval_size={eval_size} distinct test "
+                         f"captions asked, {len(specs)} found (the test split of source {source!r} keeps distinct "
+                         f"held-out captions outside the {len(exclude)} of the validation draws); use a "
+                         f"prompts.options.eval_size of at most {len(specs)}, more prompts.options.categories or "
+                         "eval_split=validation")
     return train, make(specs)
