@@ -222,12 +222,14 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 def cmd_compare(ns: argparse.Namespace) -> int:
     """``alignkit compare``: the numbers come from :mod:`alignkit.compare`."""
-    from alignkit.compare import compare_runs, format_comparison, write_comparison_html
+    from alignkit.compare import compare_runs, format_comparison, write_comparison_html, write_curves_png
 
     comparison = compare_runs(ns.runs, axis=ns.axis, reward=ns.reward)
     sys.stdout.write(format_comparison(comparison) + "\n")
     sys.stdout.flush()
     logger.info("comparison page written to %s", write_comparison_html(comparison, ns.output))
+    if ns.figure:
+        logger.info("curves written to %s", write_curves_png(comparison, ns.figure))
     return 0
 
 
@@ -295,6 +297,8 @@ def command_parser(command: str) -> argparse.ArgumentParser:
                             help="held-out score compared: aggregate (weighted sum of the training rewards, default) "
                                  "or a reward's name")
         parser.add_argument("-o", "--output", default="compare.html", help="the HTML page (default: compare.html)")
+        parser.add_argument("--figure", default=None, metavar="PNG",
+                            help="also write the curves as a PNG file (for a README or a paper)")
     else:
         parser = argparse.ArgumentParser(prog=f"alignkit {command}", description=RECIPE_COMMANDS[command] + ".",
                                          usage=f"alignkit {command} [-h] [-q] [-v] [RECIPE] [KEY=VALUE ...]",

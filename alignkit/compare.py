@@ -313,6 +313,22 @@ def mean_band(xs_list: Sequence[Sequence[float]], ys_list: Sequence[Sequence[flo
 
 
 def _curves_figure(c: Comparison) -> str:
+    return figure_uri(curves_figure(c))
+
+
+def write_curves_png(c: Comparison, out: Path | str, dpi: int = 120) -> Path:
+    """The comparison's curves (held-out score and training aggregate, mean and 95% band per group, the equal-
+    compute budget dashed) as a PNG file, for a README or a paper."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig = curves_figure(c)
+    fig.savefig(out, format="png", dpi=dpi, bbox_inches="tight")
+    pyplot().close(fig)
+    return out
+
+
+def curves_figure(c: Comparison) -> Any:
+    """The matplotlib figure of the comparison's curves (see :func:`write_curves_png`)."""
     plt = pyplot()
     fig, axs = plt.subplots(1, 2, figsize=(11, 3.8))
     for r in c.results:
@@ -335,7 +351,7 @@ def _curves_figure(c: Comparison) -> str:
         ax.tick_params(labelsize=8)
     axs[0].legend(fontsize=7)
     fig.tight_layout()
-    return figure_uri(fig)
+    return fig
 
 
 def write_comparison_html(c: Comparison, out: Path | str) -> Path:

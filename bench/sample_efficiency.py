@@ -183,6 +183,24 @@ def calibrate(methods: list[str], extra: list[str], budget: float | None, thread
     return out
 
 
+CODE_PATHS = ("alignkit", "modalities", "rewards", "worlds/common.py", "worlds/pretrain_common.py", "worlds/shapes",
+              "recipes", "pyproject.toml")
+"""What a shapes run's result depends on: a change here since a run's commit makes the run stale."""
+
+
+def code_changes(made: set[str], commit: str) -> list[str]:
+    """Files of :data:`CODE_PATHS` that differ between any commit in ``made`` and ``commit`` (``git diff``); when
+    a commit cannot be compared (no git, unknown commit), every differing commit counts as a change."""
+    import subprocess
+
+    changed: list[str] = []
+    for c in sorted(made - {commit}):
+        proc = subprocess.run(["git", "diff", "--name-only", c, commit, "--", *CODE_PATHS], capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parent.parent)
+        changed += proc.stdout.split() if proc.returncode == 0 else [f"<cannot compare {c} with {commit}>"]
+    return sorted(set(changed))
+
+
 def run_all(args: argparse.Namespace) -> None:
     runs_dir = args.out / "runs"
     plan_file = args.out / "plan.json"
@@ -269,9 +287,11 @@ def analyze(out: Path, target: float | None = None, reward: str = REWARD) -> dic
             entry["status"] = f"unreadable: {exc}"
             continue
         entry["status"] = run.status()
-        made = {row.get("commit") for row in read_environment(folder)}
-        if made != {commit}:
-            entry["stale"] = f"trained at commit(s) {sorted(str(c) for c in made)}, analysed at {commit}"
+        made = {str(row.get("commit")) for row in read_environment(folder)}
+        changed = code_changes(made, commit)
+        if changed:
+            entry["stale"] = (f"trained at commit(s) {sorted(made)}, analysed at {commit}; the code that trains "
+                              f"changed since: {', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}")
         entry["torch_threads"] = sorted({row.get("torch_threads") for row in read_environment(folder)}, key=str)
         if not run.finished:
             continue
