@@ -24,12 +24,10 @@ set the variables in its environment instead.
 
 The intra-op thread count (:func:`configure_threads`) is ``train.cpu_threads`` when set, else ``OMP_NUM_THREADS``
 when set, else the CPUs this process may use (its CPU affinity, capped by a cgroup CPU quota: containers, CI
-runners) less those other processes kept busy at start, divided among the training processes on this machine. A
-thread that shares its core with a busy process makes its whole team wait at every join: one thread beside one
-busy process on 2 cores was faster than two (bench/contention.py). The count can differ from run to run with the
-load at start, and a different count can change the last bits of a matmul: set ``train.cpu_threads`` (or
-``OMP_NUM_THREADS``) where runs must repeat bit for bit. The run's start line and every results file
-state the settings (:func:`thread_settings`).
+runners), divided among the training processes on this machine. It does not shrink when other processes are busy:
+beside two busy processes on 2 cores, two passive threads got the process half the machine and beat one thread,
+and leaving out the busy CPUs (tried) made the default epoch 2.5x its idle time instead of about 2x
+(bench/contention.py). The count is fixed by the machine and settings, never by the load, so a run repeats.
 """
 
 from __future__ import annotations
@@ -48,7 +46,7 @@ WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 CHOICE_VARIABLE = "ALIGNKIT_OPENMP_CHOICE"
 """Where :func:`prepare_openmp` leaves the reason for its choice, for the run's start line."""
 BUSY_VARIABLE = "ALIGNKIT_CPUS_BUSY"
-"""Where :func:`prepare_openmp` leaves the CPUs it saw busy with other processes, for :func:`configure_threads`."""
+"""Where :func:`prepare_openmp` leaves the CPUs it saw busy with other processes (recorded, for the reader)."""
 SHORT_SPIN = "1000"
 BUSY_THRESHOLD = 0.5
 
@@ -183,17 +181,6 @@ def _wait_description() -> str:
     return ", ".join(found) if found else "libgomp default (spin, then sleep)"
 
 
-def _busy_at_start() -> float | None:
-    """The CPUs :func:`prepare_openmp` saw busy with other processes, else a fresh look (None: unknown)."""
-    seen = os.environ.get(BUSY_VARIABLE)
-    if seen is not None:
-        try:
-            return float(seen)
-        except ValueError:
-            return None
-    return busy_cpus()
-
-
 def thread_settings() -> ThreadSettings:
     """The settings in force now (read back, not assumed)."""
     import torch
@@ -204,8 +191,7 @@ def thread_settings() -> ThreadSettings:
 
 def configure_threads(requested: int = 0, local_processes: int = 1) -> ThreadSettings:
     """Set torch's intra-op thread count: ``requested`` (``train.cpu_threads``) when > 0, else ``$OMP_NUM_THREADS``
-    when set, else the usable CPUs not kept busy by other processes at start (at least one), divided among
-    ``local_processes`` training processes on this machine."""
+    when set, else the usable CPUs divided among ``local_processes`` training processes on this machine."""
     import torch
 
     global _SOURCE
@@ -216,12 +202,8 @@ def configure_threads(requested: int = 0, local_processes: int = 1) -> ThreadSet
     elif env.isdigit() and int(env) > 0:
         threads, _SOURCE = int(env), f"OMP_NUM_THREADS={env}"
     else:
-        busy = _busy_at_start()
-        free = max(1, cpus - round(busy)) if busy is not None else cpus
-        threads = max(1, free // max(1, local_processes))
-        _SOURCE = (f"{found}" + (f", {busy:.1f} busy with other processes at start" if busy is not None and
-                                 round(busy) else "")
-                   + (f" / {local_processes} processes" if local_processes > 1 else ""))
+        threads = max(1, cpus // max(1, local_processes))
+        _SOURCE = f"{found}" + (f" / {local_processes} processes" if local_processes > 1 else "")
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return thread_settings()

@@ -4,8 +4,8 @@ Each measurement is a fresh ``python -m alignkit train RECIPE`` process (the Ope
 torch loads), timed by the run's own per-epoch clock (``time/epoch_s``; the median over the epochs after the
 first). Competitors are single-threaded busy processes (a 384x384 fp32 matmul and tanh in a loop). Settings:
 
-* ``alignkit``: nothing set; the ``alignkit`` command chooses threads (the usable CPUs less those other processes
-  keep busy at start) and OpenMP waiting (alignkit.cpu_threads);
+* ``alignkit``: nothing set; the ``alignkit`` command chooses threads (the usable CPUs) and OpenMP waiting
+  (passive when other processes keep the CPUs busy at start; alignkit.cpu_threads);
 * ``one_thread``: ``OMP_NUM_THREADS=1``;
 * ``libgomp``: ``ALIGNKIT_OPENMP_CHOICE`` set so alignkit leaves libgomp's default waiting (the behaviour before
   alignkit.cpu_threads), measured beside two competitors only and in the first ``--libgomp-reps`` repetitions,
