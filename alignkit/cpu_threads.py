@@ -191,7 +191,8 @@ def thread_settings() -> ThreadSettings:
 
 def configure_threads(requested: int = 0, local_processes: int = 1) -> ThreadSettings:
     """Set torch's intra-op thread count: ``requested`` (``train.cpu_threads``) when > 0, else ``$OMP_NUM_THREADS``
-    when set, else the usable CPUs divided among ``local_processes`` training processes on this machine."""
+    when set, else the usable CPUs divided among ``local_processes`` training processes on this machine, unless the
+    program already lowered torch's count itself (``torch.set_num_threads``), which is kept."""
     import torch
 
     global _SOURCE
@@ -202,8 +203,13 @@ def configure_threads(requested: int = 0, local_processes: int = 1) -> ThreadSet
     elif env.isdigit() and int(env) > 0:
         threads, _SOURCE = int(env), f"OMP_NUM_THREADS={env}"
     else:
-        threads = max(1, cpus // max(1, local_processes))
-        _SOURCE = f"{found}" + (f" / {local_processes} processes" if local_processes > 1 else "")
+        share = max(1, cpus // max(1, local_processes))
+        current = torch.get_num_threads()
+        if current < share:  # a program's own torch.set_num_threads (torch's default is never below the CPUs)
+            threads, _SOURCE = current, f"torch.set_num_threads({current}) kept ({found})"
+        else:
+            threads = share
+            _SOURCE = f"{found}" + (f" / {local_processes} processes" if local_processes > 1 else "")
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return thread_settings()

@@ -194,16 +194,19 @@ NOT_TRAINING = ("alignkit/compare.py", "alignkit/report.py", "alignkit/html_page
 
 
 def code_changes(made: set[str], commit: str) -> list[str]:
-    """Files of :data:`CODE_PATHS` that differ between any commit in ``made`` and ``commit`` (``git diff``); when
+    """Files of :data:`CODE_PATHS` that differ between any commit in ``made`` and ``commit`` (``git diff``, beyond
+    comment and blank lines); when
     a commit cannot be compared (no git, unknown commit), every differing commit counts as a change."""
     import subprocess
 
     changed: list[str] = []
     for c in sorted(made - {commit}):
-        proc = subprocess.run(["git", "diff", "--name-only", c, commit, "--", *CODE_PATHS,
+        # changes to comment or blank lines alone (recipe notes, for example) do not count
+        proc = subprocess.run(["git", "diff", "--numstat", "-I", r"^\s*(#.*)?$", c, commit, "--", *CODE_PATHS,
                                *(f":(exclude){p}" for p in NOT_TRAINING)], capture_output=True,
                               text=True, cwd=Path(__file__).resolve().parent.parent)
-        changed += proc.stdout.split() if proc.returncode == 0 else [f"<cannot compare {c} with {commit}>"]
+        changed += ([line.split("\t")[-1] for line in proc.stdout.splitlines() if line.strip()]
+                    if proc.returncode == 0 else [f"<cannot compare {c} with {commit}>"])
     return sorted(set(changed))
 
 

@@ -111,10 +111,14 @@ def test_automatic_threads_do_not_depend_on_the_load(monkeypatch: pytest.MonkeyP
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(cpu_threads, "usable_cpus", lambda: (4, "CPU affinity 4"))
     try:
+        torch.set_num_threads(4)
         for busy in ("0.0", "1.7", "3.9"):
             monkeypatch.setenv(cpu_threads.BUSY_VARIABLE, busy)
             assert cpu_threads.configure_threads(0).intra_op == torch.get_num_threads() == 4
         settings = cpu_threads.configure_threads(0, local_processes=2)
         assert settings.intra_op == 2 and settings.source == "CPU affinity 4 / 2 processes"
+        torch.set_num_threads(1)  # a program's own lower choice is kept
+        settings = cpu_threads.configure_threads(0)
+        assert settings.intra_op == 1 and settings.source == "torch.set_num_threads(1) kept (CPU affinity 4)"
     finally:
         torch.set_num_threads(before)
