@@ -349,8 +349,10 @@ def curves_figure(c: Comparison) -> Any:
         ax.set_xlabel(AXES[c.axis][1], fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
-    axs[0].legend(fontsize=7)
     fig.tight_layout()
+    handles, labels = axs[0].get_legend_handles_labels()
+    if handles:  # below both panels: group labels can be long
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7, frameon=False)
     return fig
 
 

@@ -24,7 +24,7 @@ by budget"). Outputs: ``summary.json`` (with provenance: commit, versions, torch
 and after), ``table.md`` and ``curves.png``.
 
     python bench/sample_efficiency.py --seeds 0 1 2 3 4 --jobs 2 [--methods ...] [--budget-flops F]
-        [--split test] [--noises 2] [--resume] [--out bench/results/sample_efficiency]
+        [--split test] [--noises 3] [--prompts 64] [--resume] [--out bench/results/sample_efficiency]
     python bench/sample_efficiency.py --analyze-only [--target 0.45] [--out ...]
 """
 
@@ -140,6 +140,8 @@ def run_overrides(method: str, plan: dict[str, Any], seed: int, resume: bool) ->
             f"eval.every={every}", "eval.before_after=true", f"eval.seeds_per_prompt={plan['noises']}",
             f"prompts.options.eval_split={plan['split']}", f"train.resume={str(resume).lower()}",
             f"train.checkpoint_every={every}", "train.keep_checkpoints=1", f"train.sample_every={epochs}",
+            *([f"prompts.options.eval_size={plan['prompts']}", f"eval.num_prompts={plan['prompts']}"]
+              if plan.get("prompts") else []),
             *plan["extra"]]
 
 
@@ -195,14 +197,14 @@ NOT_TRAINING = ("alignkit/compare.py", "alignkit/report.py", "alignkit/html_page
 
 def code_changes(made: set[str], commit: str) -> list[str]:
     """Files of :data:`CODE_PATHS` that differ between any commit in ``made`` and ``commit`` (``git diff``, beyond
-    comment and blank lines); when
+    comment lines); when
     a commit cannot be compared (no git, unknown commit), every differing commit counts as a change."""
     import subprocess
 
     changed: list[str] = []
     for c in sorted(made - {commit}):
-        # changes to comment or blank lines alone (recipe notes, for example) do not count
-        proc = subprocess.run(["git", "diff", "--numstat", "-I", r"^\s*(#.*)?$", c, commit, "--", *CODE_PATHS,
+        # changes to comment lines alone (recipe notes, for example) do not count
+        proc = subprocess.run(["git", "diff", "--numstat", "-I", "^[[:space:]]*#", c, commit, "--", *CODE_PATHS,
                                *(f":(exclude){p}" for p in NOT_TRAINING)], capture_output=True,
                               text=True, cwd=Path(__file__).resolve().parent.parent)
         changed += ([line.split("\t")[-1] for line in proc.stdout.splitlines() if line.strip()]
@@ -235,7 +237,7 @@ def run_all(args: argparse.Namespace) -> None:
             raise SystemExit(f"--resume: {plan_file} has no calibration of {missing}; rerun them into another --out")
     else:
         plan = calibrate(args.methods, args.overrides, args.budget_flops, threads)
-        plan.update(split=args.split, noises=args.noises, extra=args.overrides, recipe=RECIPE,
+        plan.update(split=args.split, noises=args.noises, prompts=args.prompts, extra=args.overrides, recipe=RECIPE,
                     calibrated_with=environment())
         args.out.mkdir(parents=True, exist_ok=True)
         plan_file.write_text(json.dumps(plan, indent=1))
@@ -488,7 +490,9 @@ def main() -> None:
                              "epochs)")
     parser.add_argument("--split", choices=["validation", "test"], default="test",
                         help="held-out prompts (prompts.options.eval_split): choices on validation, reports on test")
-    parser.add_argument("--noises", type=int, default=2, help="evaluation noises per prompt (eval.seeds_per_prompt)")
+    parser.add_argument("--noises", type=int, default=3, help="evaluation noises per prompt (eval.seeds_per_prompt)")
+    parser.add_argument("--prompts", type=int, default=64,
+                        help="held-out prompts (distinct captions on the test split: the shapes world has 87)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (each gets cpu_count/jobs threads)")
     parser.add_argument("--resume", action="store_true", help="keep finished run folders, continue the others")
     parser.add_argument("--analyze-only", action="store_true", help="only analyse the run folders under OUT/runs")

@@ -33,7 +33,7 @@ TINY = ["backbone.num_steps=4", "train.prompts_per_epoch=1", "train.rollout_batc
 @pytest.fixture(scope="module")
 def bench_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("se")
-    plan = {"split": "test", "noises": 2, "extra": TINY, "methods": {
+    plan = {"split": "test", "noises": 2, "prompts": 6, "extra": TINY, "methods": {
         "tempflow": {"epochs": 2, "eval_every": 1, "match_overrides": []},
         "flow_grpo_matched": {"epochs": 2, "eval_every": 1,
                               "match_overrides": ["algo.num_seeds=4", "train.prompts_per_epoch=2"]}}}
