@@ -400,7 +400,10 @@ def _launch(args: list[str]) -> tuple[subprocess.Popen[str], str]:
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     argv = [sys.executable, *args, *([str(port)] if args[0] == "-c" else ["--port", str(port)])]
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C must reach the server as it would from a terminal: an ignored SIGINT is inherited across exec (and
+    # Python then installs no KeyboardInterrupt handler), so the child starts with the default disposition
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return proc, f"http://127.0.0.1:{port}"
 
 
