@@ -395,15 +395,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _terminal_sigint() -> None:
+    """In the child before exec: Ctrl-C reaches the server as it would from a terminal. An ignored or blocked
+    SIGINT is inherited across exec (Python then installs no KeyboardInterrupt handler, or never sees the signal);
+    in the full suite the server once ignored Ctrl-C for over a minute, never alone."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _launch(args: list[str]) -> tuple[subprocess.Popen[str], str]:
     """Start ``python ARGS`` serving on a free loopback port (``--port N``, or ``argv[1]`` for ``-c``)."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     argv = [sys.executable, *args, *([str(port)] if args[0] == "-c" else ["--port", str(port)])]
-    # Ctrl-C must reach the server as it would from a terminal: an ignored SIGINT is inherited across exec (and
-    # Python then installs no KeyboardInterrupt handler), so the child starts with the default disposition
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_terminal_sigint)
     return proc, f"http://127.0.0.1:{port}"
 
 
