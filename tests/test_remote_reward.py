@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reward_servers import serving
+from reward_servers import on_thread, serving
 
 from alignkit import cli
 from alignkit.config import RewardTermConfig
@@ -322,15 +321,8 @@ class _ScriptedHandler(BaseHTTPRequestHandler):
 
 @contextlib.contextmanager
 def _scripted(replies: list[tuple[int, Any]]) -> Iterator[_Scripted]:
-    server = _Scripted(replies)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
+    with on_thread(_Scripted(replies)) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 @pytest.mark.parametrize(
