@@ -24,8 +24,9 @@ three passes (thresholds in :class:`ToneConfig`):
 Credits of a clip, each in [0, 1], given ``n`` detected tones for a caption of ``k`` tones:
 
 * ``count``: 1.0 when ``n == k``, else 0.0;
-* ``pitch`` / ``shape`` / ``duration``: the number of detected tones with the caption's value over
-  ``max(n, k)`` (extra tones and missing ones both cost); ``duration`` only when the caption states one.
+* ``pitch`` / ``shape`` / ``duration``: ``min(k, m) / max(n, k)`` where ``m`` detected tones have the caption's
+  value (extra tones and missing ones both cost: three right tones for "a beep" earn 1/3); ``duration`` only when
+  the caption states one.
 
 Partial score: the mean credit. Strict score: 1.0 when every credit is 1.0, else 0.0. A faithful render
 scores 1.0 on both; silence and white noise score 0.0 (no tone detected).
@@ -211,11 +212,11 @@ def tone_credits(tones: Sequence[DetectedTone], spec: ToneSpec) -> dict[str, flo
     denom = max(n, k)
     credits = {
         "count": float(n == k),
-        "pitch": sum(t.pitch == spec.pitch for t in tones) / denom,
-        "shape": sum(t.shape == spec.shape for t in tones) / denom,
+        "pitch": min(k, sum(t.pitch == spec.pitch for t in tones)) / denom,
+        "shape": min(k, sum(t.shape == spec.shape for t in tones)) / denom,
     }
     if spec.duration is not None:
-        credits["duration"] = sum(t.duration == spec.duration for t in tones) / denom
+        credits["duration"] = min(k, sum(t.duration == spec.duration for t in tones)) / denom
     return credits
 
 
@@ -293,7 +294,8 @@ def resolve_spec(prompt: str, metadata: Mapping[str, Any] | None) -> ToneSpec | 
 class ToneEval:
     """ToneEval reward: the strict or partial score of each clip (see the module docstring).
 
-    A sample gets None (masked, not trained on) when neither its metadata nor its prompt gives a tones spec.
+    A sample gets None (masked, not trained on) when neither its metadata nor its prompt gives a tones spec, or
+    when its clip has a non-finite value.
 
     Args:
         mode: ``"partial"`` (mean credit, in [0, 1]) or ``"strict"`` (1.0 when every credit is 1.0).
@@ -324,6 +326,8 @@ class ToneEval:
         self, samples: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[float | None]:
         waves = check_audio(samples)  # [B, C, T]
-        return score_by_spec(waves, prompts, metadata or [], resolve_spec,
-                             lambda x, specs: toneeval_details(x, specs, self.sample_rate, self.detector), self.mode,
-                             "tones")
+        scores = score_by_spec(waves, prompts, metadata or [], resolve_spec,
+                               lambda x, specs: toneeval_details(x, specs, self.sample_rate, self.detector),
+                               self.mode, "tones")
+        finite = torch.isfinite(waves).flatten(1).all(dim=1).tolist()  # [B]
+        return [s if ok else None for s, ok in zip(scores, finite)]
