@@ -3,6 +3,7 @@ prompt sets drawn from it."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import random
@@ -24,6 +25,7 @@ HELDOUT_MODULUS = 5
 """A caption is held out when ``sha256(caption) % HELDOUT_MODULUS == 0`` (about 20%)."""
 
 
+@functools.lru_cache(maxsize=4096)
 def split_of(caption: str) -> str:
     """``"heldout"`` or ``"train"``: the split a caption belongs to (deterministic hash rule)."""
     digest = int(hashlib.sha256(caption.encode("utf-8")).hexdigest(), 16)

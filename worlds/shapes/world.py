@@ -219,7 +219,6 @@ def all_specs(categories: Sequence[str] | None = None) -> list[PromptSpec]:
     return out
 
 
-@functools.lru_cache(maxsize=4096)
 def sample_spec(rng: random.Random, categories: Sequence[str] | None = None) -> PromptSpec:
     """A random prompt: category uniform over ``categories`` (all by default), then uniform attributes."""
     cats = tuple(categories) if categories is not None else CATEGORIES
