@@ -1,6 +1,6 @@
 """Pretrain the tones text-to-audio model on CPU, reproducibly, and write the shipped weights.
 
-    python -m alignkit.worlds.tones.pretrain [--out DIR] [--vae-steps 800] [--steps 3000] [--seed 0] [--threads 1]
+    python -m alignkit.worlds.tones.pretrain [--out DIR] [--vae-steps 800] [--steps 2000] [--seed 0] [--threads 1]
 
 Stage 1 trains the SAME autoencoder to reconstruct rendered clips (waveform MSE), then sets its bottleneck's
 ``running_std`` to the latents' standard deviation, so that the latents the DiT sees have unit variance (the
@@ -46,24 +46,31 @@ def _clips(seed: int, batch: int) -> Iterator[tuple[list[str], torch.Tensor]]:
     return caption_batches(prompt_set, render_batch, seed, batch)
 
 
-def train_vae(pipe: StableAudio3Pipeline, steps: int, batch: int, lr: float, seed: int,
+def train_vae(pipe: StableAudio3Pipeline, steps: int, batch: int, lr: float, seed: int, latent_noise: float = 0.25,
               stats_clips: int = 256, log_every: int = 100) -> dict[str, float]:
     """Stage 1: the SAME autoencoder (waveform MSE, AdamW, linear decay to 10%), then its latent scale.
 
-    The VAE is deterministic (no posterior to sample), so the loss is the plain reconstruction error
-    ``mse(decode(encode(x))[..., :T], x)``. Afterwards ``bottleneck.running_std`` is set to the standard deviation
-    of the latents of ``stats_clips`` fresh clips (whose first 64 also give ``vae_heldout_mse`` and
-    ``vae_heldout_snr_db``, the reconstruction's signal-to-noise ratio).
+    SAME is deterministic (no posterior to sample); trained on the plain reconstruction error its decoder turns
+    small latent errors into loud noise (a latent error of 0.3 latent std decoded silence at -15 dBFS, as loud as
+    the tones), which a generator's errors then fill every clip with. So, like a VAE's posterior noise, Gaussian
+    noise of ``latent_noise`` times the batch's latent std is added before decoding:
+    ``mse(decode(z + latent_noise * std(z) * eps)[..., :T], x)``, ``eps`` from a generator seeded by ``seed``.
+    Afterwards ``bottleneck.running_std`` is set to the standard deviation of the latents of ``stats_clips`` fresh
+    clips, whose first 64 also give ``vae_heldout_mse`` / ``vae_heldout_snr_db`` (clean latents) and
+    ``vae_noisy_snr_db`` (latents plus noise of 0.1 std).
     """
     vae = pipe.vae
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.1, 1 - s / steps))
     data = _clips(seed + 1, batch)
+    gen = torch.Generator().manual_seed(seed)
     loss = torch.tensor(float("nan"))
     for step in range(steps):
         _, x = next(data)
-        rec = vae.decode(vae.encode(x).latents).sample[..., :NUM_SAMPLES]
+        z = vae.encode(x).latents  # [B, D, L]
+        z = z + latent_noise * z.detach().std() * torch.randn(z.shape, generator=gen)
+        rec = vae.decode(z).sample[..., :NUM_SAMPLES]
         loss = F.mse_loss(rec, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -78,11 +85,14 @@ def train_vae(pipe: StableAudio3Pipeline, steps: int, batch: int, lr: float, see
         lat = torch.cat([vae.encode(chunk).latents for chunk in x.split(64)])  # [N, D, L]
         std = lat.std()
         vae.bottleneck.running_std.mul_(std)
-        rec = vae.decode(vae.encode(x[:64]).latents).sample[..., :NUM_SAMPLES]
-    mse = float(F.mse_loss(rec, x[:64]))
-    snr = float(10 * torch.log10(x[:64].pow(2).mean() / max(mse, 1e-12)))
-    return {"vae_loss": float(loss.detach()), "vae_heldout_mse": mse, "vae_heldout_snr_db": snr,
-            "latent_std": float(std)}
+        z = vae.encode(x[:64]).latents  # [64, D, L], unit std now
+        rec = vae.decode(z).sample[..., :NUM_SAMPLES]
+        noisy = vae.decode(z + 0.1 * torch.randn(z.shape, generator=gen)).sample[..., :NUM_SAMPLES]
+    power = x[:64].pow(2).mean()
+    mse, noisy_mse = float(F.mse_loss(rec, x[:64])), float(F.mse_loss(noisy, x[:64]))
+    return {"vae_loss": float(loss.detach()), "vae_heldout_mse": mse,
+            "vae_heldout_snr_db": float(10 * torch.log10(power / max(mse, 1e-12))),
+            "vae_noisy_snr_db": float(10 * torch.log10(power / max(noisy_mse, 1e-12))), "latent_std": float(std)}
 
 
 def _conditioning(pipe: StableAudio3Pipeline, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -158,18 +168,19 @@ def heldout_toneeval(folder: Path, *, num_prompts: int | None = None) -> dict[st
             "heldout_toneeval_strict": float(table.raw["strict"].mean())}
 
 
-def pretrain(out: Path, *, seed: int = 0, vae_steps: int = 800, vae_batch: int = 16, steps: int = 3000,
+def pretrain(out: Path, *, seed: int = 0, vae_steps: int = 800, vae_batch: int = 16, steps: int = 2000,
              batch: int = 32, pool: int = 4096, width: int = 64, layers: int = 4, lr: float = 1e-3,
-             vae_lr: float = 2e-3, evaluate: bool = True) -> dict[str, float]:
+             vae_lr: float = 2e-3, latent_noise: float = 0.25, evaluate: bool = True) -> dict[str, float]:
     """Build, train and save the tones pipeline into ``out``; returns the summary in ``pretrain_info.json``."""
     t0, c0 = time.perf_counter(), time.process_time()
     pipe = build_tones_pipeline(seed, width=width, layers=layers)
     info: dict[str, float] = {"seed": seed, "vae_steps": vae_steps, "vae_batch": vae_batch, "vae_lr": vae_lr,
+                              "latent_noise": latent_noise,
                               "steps": steps, "batch": batch, "pool": pool, "width": width, "layers": layers, "lr": lr,
                               "threads": torch.get_num_threads(),
                               "transformer_parameters": sum(p.numel() for p in pipe.transformer.parameters()),
                               "vae_parameters": sum(p.numel() for p in pipe.vae.parameters())}
-    info |= train_vae(pipe, vae_steps, vae_batch, vae_lr, seed)
+    info |= train_vae(pipe, vae_steps, vae_batch, vae_lr, seed, latent_noise)
     info["vae_seconds"] = time.perf_counter() - t0
     info |= train_flow(pipe, steps, batch, lr, seed, pool)
     info["train_seconds"] = time.perf_counter() - t0
@@ -190,7 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
-    parser.add_argument("--steps", type=int, default=3000, help="DiT steps (batch --batch)")
+    parser.add_argument("--latent-noise", type=float, default=0.25,
+                        help="latent noise (times the latent std) the decoder is trained to ignore")
+    parser.add_argument("--steps", type=int, default=2000, help="DiT steps (batch --batch)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--pool", type=int, default=4096, help="rendered clips encoded once for stage 2")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -202,11 +215,13 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("vae_steps", "vae_batch", "steps", "batch", "pool", "threads", "layers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be at least 1")
+    if args.latent_noise < 0:
+        parser.error(f"--latent-noise={args.latent_noise}: must be >= 0 (0 trains on clean latents)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     info = pretrain(args.out, seed=args.seed, vae_steps=args.vae_steps, vae_batch=args.vae_batch, steps=args.steps,
                     batch=args.batch, pool=args.pool, width=args.width, layers=args.layers, lr=args.lr,
-                    vae_lr=args.vae_lr, evaluate=not args.no_eval)
+                    vae_lr=args.vae_lr, latent_noise=args.latent_noise, evaluate=not args.no_eval)
     logger.info("wrote %s: %s", args.out, json.dumps(info))
 
 
