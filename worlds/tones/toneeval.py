@@ -12,7 +12,7 @@ three passes (thresholds in :class:`ToneConfig`):
    zero-padded to ``fft_size`` (2048), over the event; each frame's peak frequency (between ``min_hz`` and
    Nyquist, refined by parabolic interpolation of the log power) and its *tonality*: the share of the frame's
    power within ``±(band_hz + band_fraction * f)`` of the peak ``f``. An event is a **tone** when its mean
-   tonality is at least ``min_tonality`` (0.5): a sine scores about 0.99, white noise about 0.1, so noise bursts
+   tonality is at least ``min_tonality`` (0.5): a sine scores about 0.99, white noise about 0.27, so noise bursts
    are not counted.
 3. **Attributes** of each tone: ``pitch`` = the pitch class (:data:`~alignkit.worlds.tones.world.PITCHES`)
    nearest in octaves to the geometric median of its frame frequencies, none when more than half an octave
