@@ -352,6 +352,7 @@ class TrainState:
         consecutive_masked: such epochs since the last one that trained (``train.max_masked_epochs`` bounds it).
         nfe_total: model evaluations of all processes so far.
         seconds_total: training wall time so far (rollout to update; evaluation excluded).
+        cpu_seconds_total: process CPU seconds of the same (this process).
         cost_totals: running totals of the ``cost/*`` metrics (:data:`alignkit.cost.COST_METRICS`).
         history: this process's per-epoch metrics.
     """
@@ -365,6 +366,7 @@ class TrainState:
     consecutive_masked: int = 0
     nfe_total: int = 0
     seconds_total: float = 0.0
+    cpu_seconds_total: float = 0.0
     cost_totals: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -474,7 +476,8 @@ def _write_training_checkpoint(output_dir: Path, state: TrainState, parts: Check
         "grad_scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
         "consecutive_nonfinite": s.consecutive_nonfinite, "masked_skipped": s.masked_skipped,
         "consecutive_masked": s.consecutive_masked, "nfe_total": s.nfe_total,
-        "seconds_total": s.seconds_total, "optimizer": opt_meta, "lr_scheduler": parts.lr_scheduler.state_dict(),
+        "seconds_total": s.seconds_total, "cpu_seconds_total": s.cpu_seconds_total,
+        "optimizer": opt_meta, "lr_scheduler": parts.lr_scheduler.state_dict(),
         "prompts": {"fingerprint": prompt_fingerprint(prompts), "count": len(prompts),
                     "drawn": s.epoch * cfg.train.prompts_per_epoch},
         "world_size": shard.world_size, "config": to_dict(cfg), "cost_totals": s.cost_totals,
@@ -589,6 +592,7 @@ def restore_checkpoint(opened: OpenedCheckpoint, parts: CheckpointParts, *, outp
         scale_overflows=meta.get("scale_overflows", 0), consecutive_nonfinite=meta.get("consecutive_nonfinite", 0),
         masked_skipped=meta.get("masked_skipped", 0), consecutive_masked=meta.get("consecutive_masked", 0),
         nfe_total=meta.get("nfe_total", 0), seconds_total=meta.get("seconds_total", 0.0),
+        cpu_seconds_total=meta.get("cpu_seconds_total", 0.0),
         cost_totals=dict(meta.get("cost_totals", {})),
     )
     if parts.plan is not None:

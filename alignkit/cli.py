@@ -6,7 +6,7 @@
     alignkit list  [KIND]                      recipes, config group options, registered components
     alignkit serve-reward NAME [--host H] [--port P] [--kwargs JSON]    serve a reward over HTTP
     alignkit report RUN_DIR [-o HTML]          a self-contained report.html of a run
-    alignkit compare RUN [RUN ...] [--axis epoch|nfe|flops|time]    runs grouped by recipe, at equal compute
+    alignkit compare RUN [RUN ...] [--axis epoch|nfe|flops|time|cpu]    runs grouped by recipe, at equal compute
     alignkit --version
 
 RECIPE is a shipped recipe name (``alignkit list``) or a path to your own YAML recipe file; options
@@ -222,12 +222,14 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 def cmd_compare(ns: argparse.Namespace) -> int:
     """``alignkit compare``: the numbers come from :mod:`alignkit.compare`."""
-    from alignkit.compare import compare_runs, format_comparison, write_comparison_html
+    from alignkit.compare import compare_runs, format_comparison, write_comparison_html, write_curves_png
 
     comparison = compare_runs(ns.runs, axis=ns.axis, reward=ns.reward)
     sys.stdout.write(format_comparison(comparison) + "\n")
     sys.stdout.flush()
     logger.info("comparison page written to %s", write_comparison_html(comparison, ns.output))
+    if ns.figure:
+        logger.info("curves written to %s", write_curves_png(comparison, ns.figure))
     return 0
 
 
@@ -289,11 +291,14 @@ def command_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (output_dir of alignkit train)")
         parser.add_argument("--axis", default="nfe", metavar="AXIS",
                             help="compute axis of the curves and of equal compute: epoch, nfe (rollout model "
-                                 "evaluations, default), flops (total model FLOPs) or time (training seconds)")
+                                 "evaluations, default), flops (total model FLOPs), time (training seconds) or cpu "
+                                 "(process CPU seconds)")
         parser.add_argument("--reward", default="aggregate",
                             help="held-out score compared: aggregate (weighted sum of the training rewards, default) "
                                  "or a reward's name")
         parser.add_argument("-o", "--output", default="compare.html", help="the HTML page (default: compare.html)")
+        parser.add_argument("--figure", default=None, metavar="PNG",
+                            help="also write the curves as a PNG file (for a README or a paper)")
     else:
         parser = argparse.ArgumentParser(prog=f"alignkit {command}", description=RECIPE_COMMANDS[command] + ".",
                                          usage=f"alignkit {command} [-h] [-q] [-v] [RECIPE] [KEY=VALUE ...]",
@@ -359,7 +364,7 @@ def _unsupported_launch() -> str | None:
             continue
         if on:
             return (f"{what} is not supported ({var}={os.environ[var]}): alignkit shards the model itself. Launch "
-                    "plain data parallel processes (accelerate launch --multi_gpu --num_processes N -m alignkit.cli "
+                    "plain data parallel processes (accelerate launch --multi_gpu --num_processes N -m alignkit "
                     "train RECIPE, without --use_fsdp / --use_deepspeed, and no FSDP or DeepSpeed in `accelerate "
                     "config`) and set train.sharding=fsdp to shard parameters, gradients and optimizer state")
     return None

@@ -4,8 +4,8 @@ group at equal compute and the paired held-out difference between groups.
 * **Groups.** Runs whose composed configurations are equal except for the seed, the run folder and bookkeeping
   (:data:`IGNORED`) form one group; their seeds are pooled: curves are the mean over runs with a t-based 95%
   band, scores the mean over runs with its 95% interval (undefined for one run).
-* **Axis.** ``epoch``, ``nfe`` (rollout model evaluations), ``flops`` (total model FLOPs, ``cost/flops_total``)
-  or ``time`` (training seconds); :data:`alignkit.run_dir.AXES`.
+* **Axis.** ``epoch``, ``nfe`` (rollout model evaluations), ``flops`` (total model FLOPs, ``cost/flops_total``),
+  ``time`` (training seconds) or ``cpu`` (process CPU seconds); :data:`alignkit.run_dir.AXES`.
 * **Equal compute.** The budget is the final value on the axis of the cheapest run of the cheapest group; every
   run's held-out curve (its evaluations, linearly interpolated between them) is read at that budget.
 * **Paired difference.** Each group's final held-out evaluation (the latest of an unfinished run), its runs
@@ -34,7 +34,7 @@ from alignkit.stats import Estimate, interpolate, mean_estimate, paired_differen
 from alignkit.summary import AGGREGATE, format_count, text_table
 
 __all__ = ["IGNORED", "Comparison", "GroupResult", "RunGroup", "compare_runs", "format_comparison",
-           "group_runs", "write_comparison_html"]
+           "group_runs", "heldout_curve", "mean_band", "write_comparison_html"]
 
 IGNORED = ("seed", "output_dir", "recipe", "train.resume", "train.checkpoint_every", "train.keep_checkpoints",
            "train.sample_every", "eval.every", "eval.batch_size", "eval.checkpoint")
@@ -219,7 +219,7 @@ def compare_runs(paths: Sequence[Path | str], axis: str = "nfe", reward: str = A
 
     Args:
         paths: run folders; the first one's group is the baseline of the paired differences.
-        axis: ``epoch``, ``nfe``, ``flops`` or ``time``.
+        axis: ``epoch``, ``nfe``, ``flops``, ``time`` or ``cpu``.
         reward: the held-out score compared: ``aggregate`` (the weighted sum of the training rewards) or a reward.
 
     Raises:
@@ -279,7 +279,7 @@ def _pm(e: Estimate | None, signed: bool = False) -> str:
 
 def comparison_rows(c: Comparison) -> list[list[str]]:
     """The table (header first): one row per group."""
-    unit = c.axis if c.axis != "time" else "s"
+    unit = {"time": "s", "cpu": "CPU s"}.get(c.axis, c.axis)
     rows = [["group", "runs", f"final {unit}", "held-out before", "held-out final",
              f"at {format_count(c.budget)} {unit}", "final - baseline (paired)"]]
     for r in c.results:
@@ -297,8 +297,10 @@ def format_comparison(c: Comparison) -> str:
     return "\n".join(lines)
 
 
-def _band(xs_list: list[list[float]], ys_list: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
-    """Mean and 95% half-width over runs of curves, on the union of their x inside the common range."""
+def mean_band(xs_list: Sequence[Sequence[float]], ys_list: Sequence[Sequence[float]]
+              ) -> tuple[list[float], list[float], list[float]]:
+    """Mean and 95% half-width over runs of curves (each interpolated linearly), on the union of their x inside
+    the range all of them cover."""
     lo = max(xs[0] for xs in xs_list)
     hi = min(xs[-1] for xs in xs_list)
     grid = sorted({x for xs in xs_list for x in xs if lo <= x <= hi})
@@ -311,6 +313,22 @@ def _band(xs_list: list[list[float]], ys_list: list[list[float]]) -> tuple[list[
 
 
 def _curves_figure(c: Comparison) -> str:
+    return figure_uri(curves_figure(c))
+
+
+def write_curves_png(c: Comparison, out: Path | str, dpi: int = 120) -> Path:
+    """The comparison's curves (held-out score and training aggregate, mean and 95% band per group, the equal-
+    compute budget dashed) as a PNG file, for a README or a paper."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig = curves_figure(c)
+    fig.savefig(out, format="png", dpi=dpi, bbox_inches="tight")
+    pyplot().close(fig)
+    return out
+
+
+def curves_figure(c: Comparison) -> Any:
+    """The matplotlib figure of the comparison's curves (see :func:`write_curves_png`)."""
     plt = pyplot()
     fig, axs = plt.subplots(1, 2, figsize=(11, 3.8))
     for r in c.results:
@@ -320,7 +338,7 @@ def _curves_figure(c: Comparison) -> str:
             curves = [cv for cv in curves if cv[0]]
             if not curves:
                 continue
-            grid, mean, half = _band([cv[0] for cv in curves], [cv[1] for cv in curves])
+            grid, mean, half = mean_band([cv[0] for cv in curves], [cv[1] for cv in curves])
             line = ax.plot(grid, mean, "o-" if ax is axs[0] else "-", ms=3, lw=1.3,
                            label=f"{r.group.label} ({len(curves)} run{'s' * (len(curves) > 1)})")[0]
             ax.fill_between(grid, [m - h for m, h in zip(mean, half, strict=True)],
@@ -331,9 +349,11 @@ def _curves_figure(c: Comparison) -> str:
         ax.set_xlabel(AXES[c.axis][1], fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
-    axs[0].legend(fontsize=7)
     fig.tight_layout()
-    return figure_uri(fig)
+    handles, labels = axs[0].get_legend_handles_labels()
+    if handles:  # below both panels: group labels can be long
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7, frameon=False)
+    return fig
 
 
 def write_comparison_html(c: Comparison, out: Path | str) -> Path:

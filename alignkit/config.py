@@ -369,11 +369,16 @@ class TrainConfig:
         "help": "Experiment trackers through accelerate (tensorboard, wandb, ...); metrics.jsonl is always written."})
     overlap_rewards: bool = field(default=True, metadata={
         "help": "Score finished samples on a worker thread while the rollout goes on."})
+    cpu_threads: int = field(default=0, metadata={
+        "help": "torch intra-op CPU threads; 0: $OMP_NUM_THREADS when set, else the CPUs this process may use "
+                "(affinity, cgroup quota) divided among the training processes on the machine."})
     shared_inputs: bool = field(default=True, metadata={
         "help": "Evaluate each distinct training input (branch children share theirs) once per minibatch; "
                 "minibatches hold whole input groups. The same gradient as per transition, fewer forwards."})
 
     def validate(self, path: str, problems: list[str]) -> None:
+        if self.cpu_threads < 0:
+            problems.append(f"{path}.cpu_threads={self.cpu_threads}: use 0 (automatic) or a positive thread count")
         for key in ("epochs", "prompts_per_epoch", "rollout_batch_size", "train_batch_size",
                     "gradient_accumulation_steps", "inner_epochs", "checkpoint_every", "keep_checkpoints",
                     "sample_every"):
@@ -438,7 +443,8 @@ class PromptsConfig:
     shuffle: bool = field(default=True, metadata={
         "help": "Draw each epoch's prompts in a random order (false: in file order)."})
     options: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "Settings of a registered source (e.g. train_size, eval_size, seed, categories for shapes)."})
+        "help": "Settings of a registered source (e.g. train_size, eval_size, seed, categories, eval_split for the "
+                "worlds; eval_split: validation (default) for choices, test for reported results)."})
 
 
 @dataclass

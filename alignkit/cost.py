@@ -13,6 +13,7 @@ processes, and their running totals (``cost/<name>_total``, kept across resume).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -80,12 +81,14 @@ class FlopMeter:
     """Model FLOPs by phase, each distinct call shape measured once and cached (see the module docstring).
 
     Use :meth:`call` around each model call; :meth:`take` returns and clears the FLOPs counted since the last
-    take (one epoch). The cache lives as long as the meter.
+    take (one epoch), :meth:`take_seconds` the wall seconds spent inside the calls. The cache lives as long as the
+    meter.
     """
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, tuple[Any, ...]], int] = {}
         self._flops: dict[str, int] = dict.fromkeys(PHASES, 0)
+        self._seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
 
     def call(self, phase: str, key: tuple[Any, ...], fn: Callable[[], T]) -> T:
         """``fn()``, adding its FLOPs to ``phase``: measured when ``key`` (its input shapes, see :func:`shape_key`)
@@ -93,18 +96,26 @@ class FlopMeter:
         if phase not in self._flops:
             raise ValueError(f"unknown cost phase {phase!r}; use one of {', '.join(PHASES)}")
         cached = self._cache.get((phase, key))
+        t0 = time.perf_counter()
         if cached is None:
             out, cached = count_flops(fn)
             self._cache[(phase, key)] = cached
             logger.debug("%s: %d model FLOPs per call of shape %s", phase, cached, key)
         else:
             out = fn()
+        self._seconds[phase] += time.perf_counter() - t0
         self._flops[phase] += cached
         return out
 
     def take(self) -> dict[str, int]:
         """FLOPs per phase since the last call, and reset them."""
         out, self._flops = self._flops, dict.fromkeys(PHASES, 0)
+        return out
+
+    def take_seconds(self) -> dict[str, float]:
+        """Wall seconds spent inside :meth:`call` per phase since the last call, and reset them. On CUDA a call
+        returns once its kernels are queued, so this undercounts unless the call synchronises."""
+        out, self._seconds = self._seconds, dict.fromkeys(PHASES, 0.0)
         return out
 
     @property

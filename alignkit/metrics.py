@@ -102,6 +102,12 @@ METRICS: dict[str, str] = {
     "time/train_s": "Seconds of the epoch's clipped updates.",
     "time/epoch_s": "Seconds of the whole epoch, held-out evaluation and sample grids included.",
     "time/total_s": "Training seconds of the run so far (rollout to update; evaluation excluded).",
+    "time/cpu_s": "Process CPU seconds (all threads, this process) of the epoch's rollout to update.",
+    "time/cpu_total_s": "Process CPU seconds of the run so far (rollout to update; evaluation excluded; kept across "
+        "resume).",
+    "time/model_s": "Wall seconds of the epoch spent inside model calls (rollout transitions, decoding, the update's "
+        "forwards and backward; this process); time/rollout_s + time/reward_s + time/train_s minus it is the "
+        "framework's own time. On CUDA, kernels still queued when a call returns are not counted.",
     # held-out evaluation
     "eval/{name}": "Held-out mean of reward `{name}` (training and evaluation-only rewards) over "
         "eval.num_prompts prompts x eval.seeds_per_prompt noises, sampled deterministically (EMA "

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from alignkit.cpu_threads import thread_settings
+
 __all__ = ["ENVIRONMENT_FILE", "append_environment", "environment", "read_environment"]
 
 ENVIRONMENT_FILE = "environment.jsonl"
@@ -34,7 +36,8 @@ def _git(*args: str) -> str | None:
 
 def environment(device: torch.device | str | None = None, processes: int = 1) -> dict[str, Any]:
     """The commit of alignkit's checkout (``git rev-parse HEAD`` and whether tracked files changed; else
-    ``$ALIGNKIT_COMMIT``, else unknown), package versions, torch threads, CPU count, device, processes, platform,
+    ``$ALIGNKIT_COMMIT``, else unknown), package versions, torch threads and
+    the thread settings (:mod:`alignkit.cpu_threads`), load average, CPU count, device, processes, platform,
     UTC date and the command line."""
     commit = _git("rev-parse", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit is not None else None
@@ -50,6 +53,7 @@ def environment(device: torch.device | str | None = None, processes: int = 1) ->
     dev = torch.device(device) if device is not None else torch.device("cpu")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" and torch.cuda.is_available() else dev.type
     return {"commit": commit, "dirty": dirty, "versions": versions, "torch_threads": torch.get_num_threads(),
+            "threads": thread_settings().to_dict(), "load_average": list(os.getloadavg()),
             "cpu_count": os.cpu_count(), "device": str(dev), "device_name": name, "processes": processes,
             "platform": platform.platform(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "argv": list(sys.argv)}

@@ -242,6 +242,15 @@ def _spectrogram(path: Path) -> str:
     return figure_uri(fig)
 
 
+def _threads_text(threads: dict[str, Any] | None) -> str | None:
+    """The thread settings of one session (:class:`alignkit.cpu_threads.ThreadSettings`), or None before they were
+    recorded."""
+    if not threads:
+        return None
+    return (f"{threads.get('intra_op')} intra-op ({threads.get('source')}), {threads.get('inter_op')} inter-op; "
+            f"OpenMP waiting: {threads.get('wait')}; usable CPUs {threads.get('usable_cpus')}")
+
+
 def _config_section(run: RunDir) -> str:
     import yaml
 
@@ -262,7 +271,9 @@ def _config_section(run: RunDir) -> str:
         dirty = " (with uncommitted changes)" if env.get("dirty") else ""
         rows = [["session from epoch", env.get("start_epoch")], ["date (UTC)", env.get("date_utc")],
                 ["commit", f"{env.get('commit')}{dirty}"], ["versions", versions],
-                ["torch threads", env.get("torch_threads")], ["CPUs", env.get("cpu_count")],
+                ["torch threads", env.get("torch_threads")],
+                ["thread settings", _threads_text(env.get("threads"))],
+                ["load average (1, 5, 15 min)", env.get("load_average")], ["CPUs", env.get("cpu_count")],
                 ["device", f"{env.get('device_name')} ({env.get('device')}), {env.get('processes')} process(es)"],
                 ["platform", env.get("platform")], ["command", " ".join(env.get("argv") or [])]]
         out.append(table(rows, header=False))

@@ -44,6 +44,7 @@ AXES: dict[str, tuple[str, str]] = {
     "nfe": ("rollout/nfe_total", "rollout model evaluations (NFE)"),
     "flops": ("cost/flops_total", "total model FLOPs"),
     "time": ("time/total_s", "training seconds (rollout to update)"),
+    "cpu": ("time/cpu_total_s", "process CPU seconds (rollout to update)"),
 }
 """Compute axes of curves: name -> (the ``metrics.jsonl`` key holding the running total, its label)."""
 

@@ -13,7 +13,8 @@ import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Estimate", "by_prompt", "interpolate", "mean_estimate", "paired_difference", "t975"]
+__all__ = ["Estimate", "by_prompt", "first_crossing", "interpolate", "mean_estimate", "paired_difference",
+           "seed_paired_difference", "t975"]
 
 # two-sided 95% quantiles of Student's t for 1..30 degrees of freedom
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -115,3 +116,21 @@ def interpolate(xs: Sequence[float], ys: Sequence[float], at: float) -> float:
         if x0 <= at <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (at - x0) / (x1 - x0)
     return points[-1][1]
+
+
+def first_crossing(xs: Sequence[float], ys: Sequence[float], target: float) -> float:
+    """The smallest x at which the curve ``(xs, ys)`` (``xs`` increasing, linear between points) reaches
+    ``target`` (``y >= target``); NaN when it never does inside its range (censored at its last x)."""
+    points = [(float(x), float(y)) for x, y in zip(xs, ys, strict=True) if math.isfinite(x) and math.isfinite(y)]
+    if points and points[0][1] >= target:
+        return points[0][0]
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if y1 >= target:
+            return x1 if y1 == y0 else x0 + (x1 - x0) * (target - y0) / (y1 - y0)
+    return math.nan
+
+
+def seed_paired_difference(a: Mapping[Hashable, float], b: Mapping[Hashable, float]) -> Estimate:
+    """Mean of ``b - a`` over the keys (seeds) both hold a finite value for, with its standard error over them
+    (the t interval of :attr:`Estimate.half_width` is the paired t interval)."""
+    return mean_estimate([b[k] - a[k] for k in a if k in b and math.isfinite(a[k]) and math.isfinite(b[k])])

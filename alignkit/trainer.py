@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import weakref
 from dataclasses import dataclass, replace
@@ -32,6 +33,7 @@ from alignkit.checkpoint import (
 )
 from alignkit.config import ConfigError, RunConfig, to_dict
 from alignkit.cost import FlopMeter
+from alignkit.cpu_threads import configure_threads
 from alignkit.credit import CreditAssigner
 from alignkit.distributed import Gathered, Shard, canonical_order, gather_rollout, on_every_process
 from alignkit.ema import EMA
@@ -127,6 +129,8 @@ class Trainer:
             **tracker_settings(self.out, cfg.train.log_with if tensorboard else []),
         )
         self.shard = Shard(self.accelerator.process_index, self.accelerator.num_processes)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or (self.shard.world_size if self.shard.distributed else 1)
+        self.threads = configure_threads(cfg.train.cpu_threads, local)
         self.fsdp = cfg.train.sharding == "fsdp" and self.shard.distributed
         if cfg.train.sharding == "fsdp" and not self.shard.distributed:
             logger.warning("train.sharding=fsdp with one process: nothing to shard, the model stays whole")
@@ -314,6 +318,7 @@ class Trainer:
         cfg = self.cfg
         if self.is_main:
             logger.info("%s", describe_run(cfg))
+            logger.info("%s", self.threads.describe())
             append_environment(self.out, {"start_epoch": self.state.epoch,
                                           **environment(self.device, self.shard.world_size)})
         bar = tqdm(total=cfg.train.epochs, initial=self.state.epoch, desc="alignkit", unit="epoch",
@@ -325,7 +330,7 @@ class Trainer:
                     before = self.evaluate_heldout("eval_before")
                     if self.is_main:
                         self.metrics.write(0, {"epoch": 0.0, "global_step": 0.0, "rollout/nfe_total": 0.0,
-                                               "time/total_s": 0.0, **before})
+                                               "time/total_s": 0.0, "time/cpu_total_s": 0.0, **before})
                         bar.write("held-out before training: " + _fmt(before))
                         bar.set_postfix(heldout=f"{self._last_heldout:.3f}")
                 while self.state.epoch < cfg.train.epochs:
@@ -344,7 +349,8 @@ class Trainer:
         abandons the epoch (nothing of it is kept); once the update ran, the epoch is completed."""
         cfg = self.cfg
         epoch, steps_before = self.state.epoch, self.state.global_step
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.meter.take_seconds()  # model time of this epoch only
         rolled = self.rollout(epoch)
         t1 = time.perf_counter()
         try:
@@ -361,11 +367,14 @@ class Trainer:
         self.plan.observe(rolled.schedule, gathered.keys, scored.credit, scored.groups)
         self._count_masked(gathered, scored)
         stats = self.optimize(rolled.rollout, gathered, scored.credit, epoch)
-        t3 = time.perf_counter()
+        t3, cpu = time.perf_counter(), time.process_time() - c0
         self.state.epoch += 1
         self.state.nfe_total += gathered.nfe
         self.state.seconds_total += t3 - t0
+        self.state.cpu_seconds_total += cpu
         metrics = self._epoch_metrics(gathered, scored, stats, (t0, t1, t2, t3))
+        metrics["time/cpu_s"], metrics["time/cpu_total_s"] = cpu, self.state.cpu_seconds_total
+        metrics["time/model_s"] = sum(self.meter.take_seconds().values())
         metrics.update(self._cost_metrics(gathered, stats, self.state.global_step - steps_before))
         last = self.state.epoch == cfg.train.epochs
         if (cfg.eval.every and self.state.epoch % cfg.eval.every == 0) or (last and cfg.eval.before_after):

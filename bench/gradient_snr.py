@@ -1,9 +1,9 @@
 """Policy-gradient signal-to-noise on the shapes world: how much of one epoch's gradient is signal.
 
-For each method (the settings of ``bench/sample_efficiency.py``) and each of ``--epochs`` rollouts of the
-shipped shapes model (no update between them), the on-policy GRPO gradient (``beta = 0``, ratio 1) of the
-LoRA parameters is computed on two disjoint halves of the epoch's transitions. The halves split whole
-advantage groups, so each half's advantages still sum to zero per group. Reported per method:
+For each method (:data:`METHODS`: the settings the first sample-efficiency benchmark compared) and each of
+``--epochs`` rollouts of the shipped shapes model (no update between them), the on-policy GRPO gradient
+(``beta = 0``, ratio 1) of the LoRA parameters is computed on two disjoint halves of the epoch's transitions.
+The halves split whole advantage groups, so each half's advantages still sum to zero per group. Reported per method:
 
 * ``half_cos``: cosine between the two halves' gradients. For two independent estimates of a true gradient
   ``g`` with per-estimate noise ``N``, ``E[cos] ~ |g|^2 / (|g|^2 + |N|^2)``: 0 means pure noise.
@@ -30,12 +30,21 @@ import tempfile
 from pathlib import Path
 
 import torch
-from sample_efficiency import METHODS  # the sibling bench script (bench/ is on sys.path when run)
 
 from alignkit.compose import load_run_config
 from alignkit.trainer import Trainer
 
 logger = logging.getLogger("bench.gradient_snr")
+
+METHODS: dict[str, list[str]] = {
+    "flow_grpo": ["algo=flow_grpo", "algo.num_seeds=8"],
+    "tempflow_all": ["algo=tempflow_grpo_small"],  # 2 seeds x 4 children at each of the 7 branch steps
+    "tempflow_budget": ["algo=tempflow_grpo_small", "algo.plan.options.select=random", "+algo.plan.options.m=2"],
+    "flow_grpo_fast": ["algo=flow_grpo_fast", "algo.num_seeds=8"],
+    "tempflow_early": ["algo=tempflow_grpo_small", "algo.plan.options.select=fixed", "+algo.plan.options.steps=[0,1]"],
+    "tempflow_first": ["algo=tempflow_grpo_small", "algo.plan.options.select=fixed", "+algo.plan.options.steps=[0]"],
+}
+"""Recipe overrides of each method on ``shapes_tempflow_grpo`` (those of ``gradient_snr.json``)."""
 
 
 def half_split(groups: torch.Tensor, rows: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -24,6 +25,7 @@ from alignkit.config import BackboneConfig, LoraConfig
 from alignkit.modalities.image.sd3 import SD3Sampler
 from alignkit.modalities.image.tiny import build_tiny_sd3_pipeline
 from alignkit.plans import AllStochastic, Branch, ExplorationPlan, Window
+from alignkit.provenance import environment
 from alignkit.rollout import RolloutEngine, RolloutRequest
 
 logger = logging.getLogger("bench.plans")
@@ -52,6 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO)
+    load_before = list(os.getloadavg())
     with tempfile.TemporaryDirectory() as tmp:
         build_tiny_sd3_pipeline(seed=0).save_pretrained(tmp, safe_serialization=True)
         cfg = BackboneConfig(name="sd3", pretrained=tmp, height=32, width=32, num_steps=args.steps,
@@ -83,7 +86,9 @@ def main() -> None:
     logger.info("N=%d steps, %d seeds/prompt, batch %d, %d threads\n%s", args.steps, args.seeds, args.batch,
                 torch.get_num_threads(), "\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "plans": table}, indent=1))
+    provenance = {**environment(), "load_average_before": load_before, "load_average_after": list(os.getloadavg())}
+    args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "provenance": provenance,
+                                    "plans": table}, indent=1))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Tiny models: one intra-op thread is as fast on a quiet machine and avoids spin-wait slowdowns of 100x
 # and more when the machine is shared (measured on the 2-core CI machine type under load).
-torch.set_num_threads(int(os.environ.get("ALIGNKIT_TEST_THREADS", "1")))
+# The trainer respects $OMP_NUM_THREADS (alignkit.cpu_threads), and CLI subprocesses inherit it.
+os.environ["OMP_NUM_THREADS"] = os.environ.get("ALIGNKIT_TEST_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session", autouse=True)

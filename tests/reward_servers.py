@@ -14,7 +14,13 @@ from alignkit.reward_server import RewardServer, make_server
 def serving(reward: Callable[..., Any], name: str = "test", *, host: str = "127.0.0.1",
             **options: Any) -> Iterator[RewardServer]:
     """``reward`` served as ``name`` on a free port of ``host``; ``options`` go to :func:`make_server`."""
-    server = make_server(reward, host, 0, name, **options)
+    with on_thread(make_server(reward, host, 0, name, **options)) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def on_thread(server: Any) -> Iterator[Any]:
+    """Run any ``socketserver`` server's ``serve_forever`` on a daemon thread; shut it down and close it on exit."""
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:

@@ -122,6 +122,17 @@ def test_command_writes_table_and_html(four_runs: dict[str, Path], tmp_path: Pat
     assert "http" not in text and "<script" not in text and text.count("finished: 2 of 2 epochs") == 4
 
 
+def test_command_writes_the_curves_as_a_png(four_runs: dict[str, Path], tmp_path: Path) -> None:
+    from PIL import Image
+
+    png = tmp_path / "fig" / "curves.png"
+    assert main(["compare", *map(str, four_runs.values()), "--axis", "epoch", "-o", str(tmp_path / "c.html"),
+                 "--figure", str(png), "-q"]) == 0
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.width > 600 and im.height > 200
+        assert len(set(im.convert("RGB").getdata())) > 50  # curves, bands and text, not a blank canvas
+
+
 @pytest.mark.parametrize("case", ["worlds", "eval_seed", "prompts", "samples", "axis", "not_a_run", "twice",
                                   "no_flops", "no_metrics", "reward"])
 def test_refusals_are_one_line_naming_the_difference(case: str, tmp_path: Path,

@@ -3,6 +3,7 @@ counts (training inputs, decodes, reward calls, optimizer steps) and running tot
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,15 @@ def test_the_meter_measures_each_shape_once_and_adds_it_per_call() -> None:
     assert flops == 2 * (2 * 3 * 8 * 16)  # the forward and the weight gradient (the input needs none)
     with pytest.raises(ValueError, match="unknown cost phase 'eval'"):
         meter.call("eval", (), lambda: None)
+
+
+def test_the_meter_times_the_calls_it_wraps() -> None:
+    meter = FlopMeter()
+    meter.call("decode", ("a",), lambda: time.sleep(0.02))
+    meter.call("decode", ("a",), lambda: time.sleep(0.02))  # cached FLOPs: still timed
+    seconds = meter.take_seconds()
+    assert seconds["decode"] >= 0.04 and seconds["rollout"] == seconds["train"] == 0.0
+    assert meter.take_seconds() == {"rollout": 0.0, "decode": 0.0, "train": 0.0}  # taken: reset
 
 
 def _overrides(out: Path, epochs: int) -> list[str]:
@@ -74,6 +84,11 @@ def test_every_epoch_logs_flops_by_phase_counts_and_totals(tmp_path: Path) -> No
     for key in ("flops", "train_inputs", "decodes", "reward_calls", "optimizer_steps"):
         assert first[f"cost/{key}_total"] == first[f"cost/{key}"]
         assert second[f"cost/{key}_total"] == first[f"cost/{key}"] + second[f"cost/{key}"]
+    # process CPU seconds and the time inside model calls (the framework's own time is the rest)
+    assert first["time/cpu_s"] > 0 and first["time/cpu_total_s"] == first["time/cpu_s"]
+    assert second["time/cpu_total_s"] == pytest.approx(first["time/cpu_s"] + second["time/cpu_s"])
+    for row in rows:
+        assert 0 < row["time/model_s"] <= row["time/rollout_s"] + row["time/reward_s"] + row["time/train_s"]
     # measured on the first call of each shape only: the second epoch (same shapes) measured nothing new
     assert second["cost/rollout_flops"] == first["cost/rollout_flops"]
     shapes = trainer.meter.measured_shapes

@@ -124,9 +124,9 @@ def test_the_site_builds_strictly_with_the_generated_pages(tmp_path: Path) -> No
     config = (site / "reference" / "config" / "index.html").read_text()
     assert "train.learning_rate" in config and "AdamW learning rate." in config
     assert "reward/{name}_mean" in (site / "reference" / "metrics" / "index.html").read_text()
-    assert (site / "results" / "files" / "sample_efficiency" / "curves.png").is_file()
-    included = (site / "results" / "sample-efficiency" / "index.html").read_text()
-    assert "tempflow_first" in included  # bench/results/sample_efficiency/table.md, included at build time
+    assert (site / "results" / "files" / "discrete_sample_efficiency" / "summary.json").is_file()
+    included = (site / "results" / "discrete" / "index.html").read_text()
+    assert "tempflow_masked_fraction" in included  # bench/results/discrete_sample_efficiency/table.md, at build time
     assert (site / "assets" / "dataflow.svg").is_file()
 
 

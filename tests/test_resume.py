@@ -313,3 +313,6 @@ def test_adaptive_plan_state_and_cost_totals_resume_bit_identical(tmp_path: Path
                {k: v for k, v in y.items() if not k.startswith("time/")}
     assert len({r["rollout/nfe"] for r in ra}) > 1, "the branch steps should change between epochs"
     assert rb[-1]["cost/flops_total"] == sum(r["cost/flops"] for r in rb)
+    # process CPU seconds carry on across the resume too
+    assert mb["cpu_seconds_total"] > at_stop["cpu_seconds_total"] > 0
+    assert rb[-1]["time/cpu_total_s"] == pytest.approx(sum(r["time/cpu_s"] for r in rb))

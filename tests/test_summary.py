@@ -17,7 +17,7 @@ from PIL import Image
 
 from alignkit.metrics import read_metrics
 from alignkit.rewards.compression import JpegCompressibility
-from alignkit.stats import Estimate, interpolate, paired_difference, t975
+from alignkit.stats import Estimate, first_crossing, interpolate, paired_difference, seed_paired_difference, t975
 from alignkit.summary import short_names
 
 WEIGHTS = {"jpeg_compressibility": 1.0, "big": 0.5}
@@ -41,6 +41,16 @@ def test_t_quantiles_and_interpolation() -> None:
     b = {(0, 0): 2.0, (0, 1): 3.0, (1, 0): 1.0, (1, 1): 2.0, (2, 0): 5.0}
     d = paired_difference(a, b)  # prompt 0: +0.5, prompt 1: +1.5, prompt 2 unpaired
     assert (d.mean, d.n) == (1.0, 2) and d.se == pytest.approx(statistics.stdev([0.5, 1.5]) / math.sqrt(2))
+
+
+def test_first_crossing_and_seed_paired_difference() -> None:
+    assert first_crossing([0, 10, 30], [1.0, 2.0, 4.0], 3.0) == pytest.approx(20.0)  # linear between points
+    assert first_crossing([0, 10, 30], [1.0, 2.0, 4.0], 0.5) == 0.0  # already there at the start
+    assert first_crossing([0, 10, 20], [1.0, 3.0, 1.0], 2.0) == pytest.approx(5.0)  # the first time, not the last
+    assert math.isnan(first_crossing([0, 10], [1.0, 2.0], 2.5))  # censored: never reached
+    d = seed_paired_difference({0: 1.0, 1: 2.0, 2: 3.0, 3: math.nan}, {0: 2.0, 1: 2.5, 2: 3.0, 4: 9.0})
+    assert (d.n, d.mean) == (3, pytest.approx(0.5))  # seeds 0-2 paired; 3 (NaN) and 4 (unpaired) left out
+    assert d.se == pytest.approx(statistics.stdev([1.0, 0.5, 0.0]) / math.sqrt(3))
 
 
 def test_short_names() -> None:

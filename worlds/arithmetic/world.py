@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,9 +74,12 @@ def all_problems(split: str) -> tuple[Problem, ...]:
     return tuple(p for p in out if split_of(p.caption()) == split)
 
 
-def problem_set(n: int, seed: int, split: str, categories: list[str] | None = None) -> list[Problem]:
-    """``n`` distinct problems of ``split`` (and ``categories``), a seeded draw without replacement."""
-    pool = [p for p in all_problems(split) if categories is None or p.category in categories]
+def problem_set(n: int, seed: int, split: str, categories: list[str] | None = None,
+                exclude: Collection[str] = frozenset()) -> list[Problem]:
+    """``n`` distinct problems of ``split`` (and ``categories``) whose prompt is not in ``exclude``, a seeded draw
+    without replacement."""
+    pool = [p for p in all_problems(split) if (categories is None or p.category in categories)
+            and p.caption() not in exclude]
     if n > len(pool):
         raise ValueError(f"prompts.options: asked for {n} {split} problems, the split has {len(pool)}; ask for fewer")
     return random.Random(seed).sample(pool, n)

@@ -30,13 +30,14 @@ caption text 0 mod 5), applied to the video captions: 446 of the 2160 (21%; 11 s
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from alignkit.worlds.common import draw_split
 from alignkit.worlds.shapes.world import (
     BACKGROUND,
     COLORS,
@@ -47,7 +48,6 @@ from alignkit.worlds.shapes.world import (
     SHAPES,
     SPLITS,
     ObjectSpec,
-    draw_split,
     shape_mask,
     split_of,
 )
@@ -214,7 +214,8 @@ def sample_spec(rng: random.Random, categories: Sequence[str] | None = None) -> 
 
 
 def prompt_set(
-    n: int, seed: int, split: str = "train", categories: Sequence[str] | None = None
+    n: int, seed: int, split: str = "train", categories: Sequence[str] | None = None,
+    exclude: Collection[str] = frozenset(),
 ) -> list[MotionSpec]:
     """``n`` prompts drawn with :func:`sample_spec` from ``random.Random(seed)``, keeping one split.
 
@@ -223,8 +224,9 @@ def prompt_set(
         seed: seed of the draw; the same arguments give the same list.
         split: ``"train"`` or ``"heldout"`` (see :func:`split_of`), or ``"all"``.
         categories: categories to draw from (all by default).
+        exclude: captions never drawn (:func:`~alignkit.worlds.common.draw_split`).
     """
-    return draw_split(n, seed, split, lambda rng: sample_spec(rng, categories))
+    return draw_split(n, seed, split, lambda rng: sample_spec(rng, categories), exclude)
 
 
 @dataclass(frozen=True)

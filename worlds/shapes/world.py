@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,7 +239,8 @@ def sample_spec(rng: random.Random, categories: Sequence[str] | None = None) -> 
 
 
 def prompt_set(
-    n: int, seed: int, split: str = "train", categories: Sequence[str] | None = None
+    n: int, seed: int, split: str = "train", categories: Sequence[str] | None = None,
+    exclude: Collection[str] = frozenset(),
 ) -> list[PromptSpec]:
     """``n`` prompts drawn with :func:`sample_spec` from ``random.Random(seed)``, keeping one split.
 
@@ -248,8 +249,9 @@ def prompt_set(
         seed: seed of the draw; the same arguments give the same list.
         split: ``"train"`` or ``"heldout"`` (see :func:`split_of`), or ``"all"``.
         categories: categories to draw from (all by default).
+        exclude: captions never drawn (:func:`draw_split`).
     """
-    return draw_split(n, seed, split, lambda rng: sample_spec(rng, categories))
+    return draw_split(n, seed, split, lambda rng: sample_spec(rng, categories), exclude)
 
 
 @functools.cache

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,7 +183,10 @@ def sample_spec(rng: random.Random, categories: Sequence[str] | None = None) -> 
                     duration=rng.choice((None, *DURATIONS)))
 
 
-def prompt_set(n: int, seed: int, split: str = "train", categories: Sequence[str] | None = None) -> list[ToneSpec]:
+def prompt_set(
+    n: int, seed: int, split: str = "train", categories: Sequence[str] | None = None,
+    exclude: Collection[str] = frozenset(),
+) -> list[ToneSpec]:
     """``n`` prompts drawn with :func:`sample_spec` from ``random.Random(seed)``, keeping one split.
 
     Args:
@@ -191,8 +194,9 @@ def prompt_set(n: int, seed: int, split: str = "train", categories: Sequence[str
         seed: seed of the draw; the same arguments give the same list.
         split: ``"train"`` or ``"heldout"`` (see :func:`split_of`), or ``"all"``.
         categories: categories to draw from (all by default).
+        exclude: captions never drawn (:func:`~alignkit.worlds.common.draw_split`).
     """
-    return draw_split(n, seed, split, lambda rng: sample_spec(rng, categories))
+    return draw_split(n, seed, split, lambda rng: sample_spec(rng, categories), exclude)
 
 
 @dataclass(frozen=True)
