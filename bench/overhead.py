@@ -85,6 +85,29 @@ def framework_epoch(trainer: Trainer, epoch: int) -> tuple[float, float]:
     return wall, sum(trainer.meter.take_seconds().values())
 
 
+def raw_update(tr: torch.nn.Module, opt: torch.optim.Optimizer, emb: torch.Tensor, pool: torch.Tensor,
+               n_inputs: int, train_batch: int, h: int) -> None:
+    """The update's model work written directly: per minibatch of ``train_batch`` of the ``n_inputs`` training
+    inputs, a policy forward with grad and an adapter-free reference forward over ``2b`` rows (CFG halves,
+    latents ``[2b, 4, h, h]``, text ``emb`` / ``pool`` of at least ``2b`` rows), a backward and an optimizer step."""
+    tr.train()
+    for start in range(0, n_inputs, train_batch):
+        b = min(train_batch, n_inputs - start)
+        x = torch.randn(2 * b, 4, h, h)
+        t = torch.full((2 * b,), 500.0)
+        out = tr(hidden_states=x, timestep=t, encoder_hidden_states=emb[: 2 * b], pooled_projections=pool[: 2 * b],
+                 return_dict=False)[0]
+        with torch.no_grad():
+            tr.disable_adapters()
+            ref = tr(hidden_states=x, timestep=t, encoder_hidden_states=emb[: 2 * b],
+                     pooled_projections=pool[: 2 * b], return_dict=False)[0]
+            tr.enable_adapters()
+        ((out - ref) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    tr.eval()
+
+
 def raw_epoch(trainer: Trainer) -> float:
     """The same model work as one Flow-GRPO epoch, written directly against the diffusers modules."""
     cfg = trainer.cfg
@@ -124,24 +147,7 @@ def raw_epoch(trainer: Trainer) -> float:
         images = pipe.vae.decode(torch.cat(finals) / pipe.vae.config.scaling_factor, return_dict=False)[0]
         images = (images / 2 + 0.5).clamp(0, 1)
     reward(images, [""] * s_total, [{}] * s_total)
-    n_transitions = s_total * (steps - 1)
-    tb = cfg.train.train_batch_size
-    tr.train()
-    for start in range(0, n_transitions, tb):
-        b = min(tb, n_transitions - start)
-        x = torch.randn(2 * b, 4, h, h)
-        t = torch.full((2 * b,), 500.0)
-        out = tr(hidden_states=x, timestep=t, encoder_hidden_states=emb[: 2 * b], pooled_projections=pool[: 2 * b],
-                 return_dict=False)[0]
-        with torch.no_grad():
-            tr.disable_adapters()
-            ref = tr(hidden_states=x, timestep=t, encoder_hidden_states=emb[: 2 * b],
-                     pooled_projections=pool[: 2 * b], return_dict=False)[0]
-            tr.enable_adapters()
-        ((out - ref) ** 2).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    tr.eval()
+    raw_update(tr, opt, emb, pool, s_total * (steps - 1), cfg.train.train_batch_size, h)
     return time.perf_counter() - t0
 
 
@@ -201,24 +207,8 @@ def raw_tempflow_epoch(trainer: Trainer) -> float:
         images = pipe.vae.decode(torch.cat(finals) / pipe.vae.config.scaling_factor, return_dict=False)[0]
         images = (images / 2 + 0.5).clamp(0, 1)
     reward(images, [""] * len(images), [{}] * len(images))
-    n_inputs = s_total * (steps - 1)  # one distinct input per branch point: its children share it
-    tb = cfg.train.train_batch_size
-    tr.train()
-    for start in range(0, n_inputs, tb):
-        b = min(tb, n_inputs - start)
-        x = torch.randn(2 * b, 4, h, h)
-        t = torch.full((2 * b,), 500.0)
-        out = tr(hidden_states=x, timestep=t, encoder_hidden_states=emb[: 2 * b], pooled_projections=pool[: 2 * b],
-                 return_dict=False)[0]
-        with torch.no_grad():
-            tr.disable_adapters()
-            ref = tr(hidden_states=x, timestep=t, encoder_hidden_states=emb[: 2 * b],
-                     pooled_projections=pool[: 2 * b], return_dict=False)[0]
-            tr.enable_adapters()
-        ((out - ref) ** 2).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    tr.eval()
+    # one distinct input per branch point: its children share it
+    raw_update(tr, opt, emb, pool, s_total * (steps - 1), cfg.train.train_batch_size, h)
     return time.perf_counter() - t0
 
 

@@ -145,9 +145,12 @@ def run_overrides(method: str, plan: dict[str, Any], seed: int, resume: bool) ->
             *plan["extra"]]
 
 
-def calibrate(methods: list[str], extra: list[str], budget: float | None, threads: int) -> dict[str, Any]:
+def calibrate(methods: list[str], extra: list[str], budget: float | None, threads: int,
+              reference: float | None = None) -> dict[str, Any]:
     """Model FLOPs per epoch of each method from one-epoch runs; Flow-GRPO arms get the prompts per epoch that
-    match tempflow's FLOPs per epoch (measured again with the chosen setting); epochs from the common budget."""
+    match tempflow's FLOPs per epoch (measured again with the chosen setting); epochs from the common budget.
+    ``reference``: tempflow's FLOPs per epoch from an earlier calibration (arms added to an existing plan keep its
+    reference and budget) instead of a new measurement."""
     with tempfile.TemporaryDirectory() as tmp:
         def epoch_flops(name: str, overrides: list[str]) -> float:
             folder = Path(tmp) / name
@@ -157,7 +160,8 @@ def calibrate(methods: list[str], extra: list[str], budget: float | None, thread
                 raise SystemExit(f"calibration run {name} failed: {res['failed']}")
             return float(RunDir.open(folder).final("cost/flops"))
 
-        reference = epoch_flops(REFERENCE, list(METHODS[REFERENCE].overrides))
+        if reference is None:
+            reference = epoch_flops(REFERENCE, list(METHODS[REFERENCE].overrides))
         budget = budget if budget is not None else DEFAULT_EPOCHS * reference
         out: dict[str, Any] = {"reference": REFERENCE, "reference_flops_per_epoch": reference,
                                "budget_flops": budget, "methods": {}}
@@ -233,8 +237,17 @@ def run_all(args: argparse.Namespace) -> None:
     if args.resume and plan_file.is_file():
         plan = json.loads(plan_file.read_text())
         missing = sorted(set(args.methods) - set(plan["methods"]))
-        if missing:
-            raise SystemExit(f"--resume: {plan_file} has no calibration of {missing}; rerun them into another --out")
+        if missing:  # arms added later: calibrated against the plan's reference FLOPs and budget
+            if args.budget_flops is not None and args.budget_flops != plan["budget_flops"]:
+                raise SystemExit(f"--resume: {plan_file} has --budget-flops {plan['budget_flops']:.4g}; added arms "
+                                 "keep it (leave --budget-flops out)")
+            added = calibrate(missing, plan["extra"], plan["budget_flops"], threads,
+                              reference=plan["reference_flops_per_epoch"])
+            env = environment()
+            when = {k: env.get(k) for k in ("commit", "dirty", "date_utc")}
+            for name, arm in added["methods"].items():
+                plan["methods"][name] = {**arm, "calibrated_with": when}
+            plan_file.write_text(json.dumps(plan, indent=1))
     else:
         plan = calibrate(args.methods, args.overrides, args.budget_flops, threads)
         plan.update(split=args.split, noises=args.noises, prompts=args.prompts, extra=args.overrides, recipe=RECIPE,

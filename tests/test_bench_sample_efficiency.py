@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from script_modules import load_bench
 
 from alignkit.run_dir import RunDir
 from alignkit.stats import interpolate, mean_estimate, paired_difference
@@ -17,15 +15,7 @@ from alignkit.stats import interpolate, mean_estimate, paired_difference
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-se = _load("sample_efficiency")
+se = load_bench("sample_efficiency")
 TINY = ["backbone.num_steps=4", "train.prompts_per_epoch=1", "train.rollout_batch_size=16", "eval.num_prompts=6",
         "eval.batch_size=12", "train.train_batch_size=16"]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from script_modules import load_script
 
 from alignkit import registry
 from alignkit.compose import CONFIG_GROUPS, list_recipes, recipes_dir
@@ -27,12 +28,7 @@ README_LIMIT = 10 * 1024
 
 def _hook() -> ModuleType:
     """docs/hooks/reference.py, loaded the way MkDocs loads a hook (a module registered under its name)."""
-    spec = importlib.util.spec_from_file_location("alignkit_docs_reference", DOCS / "hooks" / "reference.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(DOCS / "hooks" / "reference.py", "alignkit_docs_reference")
 
 
 @pytest.fixture(scope="module")

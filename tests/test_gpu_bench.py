@@ -3,28 +3,18 @@ bench/gpu_preflight.py; the pre-flight itself runs in CI after the tests, .ci/ru
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import zipfile
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from script_modules import load_bench
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-gt = _load("gpu_throughput")
-pf = _load("gpu_preflight")
+gt = load_bench("gpu_throughput")
+pf = load_bench("gpu_preflight")
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +142,7 @@ def test_bad_arguments_are_refused_with_the_fix(capsys: pytest.CaptureFixture[st
         assert "pass --tiny" in capsys.readouterr().err
 
 
-def test_provenance_records_commit_versions_threads_and_load() -> None:
+def test_provenance_records_commit_versions_threads_andload_bench() -> None:
     p = gt.provenance()
     assert len(p["commit"]) == 40 or p["commit"].startswith("unknown")
     assert p["versions"]["torch"] and p["torch_threads"] >= 1 and len(p["load_average_start"]) == 3
