@@ -39,8 +39,9 @@ TEST_DRAWS_PER_PROMPT = 50
 this many specs per prompt to find them."""
 
 
-MAX_DRAWS_PER_PROMPT = 10_000
-""":func:`draw_split` gives up after this many rejected draws per prompt asked for (a split with nothing left)."""
+MAX_REJECTED_IN_A_ROW = 10_000
+""":func:`draw_split` gives up after this many rejected draws in a row (a split with nothing left: a split that has
+captions accepts a draw with probability of a few percent at least, so 10,000 rejections in a row do not happen)."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -59,23 +60,25 @@ def draw_split(n: int, seed: int, split: str, sample: Callable[[random.Random], 
 
     Raises:
         ValueError: an unknown split, or no caption of the split left outside ``exclude``
-            (:data:`MAX_DRAWS_PER_PROMPT` draws per prompt found too few).
+            (:data:`MAX_REJECTED_IN_A_ROW` draws in a row found none).
     """
     if split not in (*SPLITS, "all"):
         raise ValueError(f"split={split!r} is unknown; use one of {(*SPLITS, 'all')}")
     rng = random.Random(seed)
     out: list[Any] = []
-    limit = MAX_DRAWS_PER_PROMPT * max(n, 1)
-    draws = 0
+    draws = rejected = 0
     while len(out) < n:
         spec = sample(rng)
         draws += 1
         caption = spec.caption()
         if (split == "all" or split_of(caption) == split) and caption not in exclude:
             out.append(spec)
-        elif draws >= limit:
-            raise ValueError(f"found {len(out)} of {n} {split} captions in {draws} draws outside the "
-                             f"{len(exclude)} excluded ones")
+            rejected = 0
+        else:
+            rejected += 1
+            if rejected >= MAX_REJECTED_IN_A_ROW:
+                raise ValueError(f"found {len(out)} of {n} {split} captions in {draws} draws outside the "
+                                 f"{len(exclude)} excluded ones")
     return out
 
 
@@ -158,6 +161,10 @@ def split_prompt_sets(
             specs.append(spec)
             if len(specs) == eval_size:
                 break
+    if not specs:
+        raise ValueError(f"prompts.options.eval_split=test: source {source!r} has no held-out caption outside the "
+                         f"{len(exclude)} of its validation draws (its held-out set is too small for a separate test "
+                         "split); use eval_split=validation")
     if len(specs) < eval_size:
         raise ValueError(f"prompts.options.eval_split=test: prompts.options.eval_size={eval_size} distinct test "
                          f"captions asked, {len(specs)} found (the test split of source {source!r} keeps distinct "
