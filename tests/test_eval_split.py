@@ -13,6 +13,7 @@ from alignkit.worlds.common import TEST_EXCLUDED_FIRST, TEST_EXCLUDED_SEEDS
 from alignkit.worlds.moving_shapes.prompts import shapes_video
 from alignkit.worlds.shapes.prompts import shapes_source
 from alignkit.worlds.shapes.world import parse_caption, split_of
+from alignkit.worlds.tones.prompts import tones_source
 
 SOURCES = {"shapes": shapes_source, "arithmetic": arithmetic_source, "shapes_video": shapes_video}
 # sha256 of [train prompts, held-out prompts] with train_size=eval_size=64, computed before eval_split existed
@@ -65,7 +66,14 @@ def test_bad_eval_split_names_the_field_and_the_values() -> None:
 
 def test_test_split_with_nothing_left_says_so() -> None:
     # every held-out 'single' caption is in the validation draws: nothing is left for a test split
-    with pytest.raises(ValueError, match=r"prompts\.options\.eval_split=test: prompts\.options\.eval_size=2 distinct "
-                                         r"test captions asked, [01] found .*at most"):
+    with pytest.raises(ValueError, match=r"prompts\.options\.eval_split=test: source 'shapes' has no held-out caption "
+                                         r"outside the \d+ of its validation draws .*use eval_split=validation"):
         shapes_source(PromptsConfig(source="shapes", options={"eval_size": 2, "categories": ["single"],
                                                               "eval_split": "test"}))
+
+
+def test_a_world_too_small_for_a_test_split_is_refused() -> None:
+    # the tones world holds out 10 captions, all of them in the validation draws
+    with pytest.raises(ValueError, match=r"source 'tones' has no held-out caption outside the 10 of its validation "
+                                         r"draws .*use eval_split=validation"):
+        tones_source(PromptsConfig(source="tones", options={"eval_split": "test"}))

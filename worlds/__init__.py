@@ -9,5 +9,6 @@ prompt source (``prompts.py``), the programmatic evaluator that serves as its re
 
 * :mod:`alignkit.worlds.shapes`: text-to-image shapes (ShapeEval; ``builtin:shapes``; palette tokens).
 * :mod:`alignkit.worlds.moving_shapes`: text-to-video moving shapes (MotionEval; ``builtin:shapes-video``).
+* :mod:`alignkit.worlds.tones`: text-to-audio beeps and chirps (ToneEval; ``builtin:tones``).
 * :mod:`alignkit.worlds.arithmetic`: masked-diffusion arithmetic (exact match; ``builtin:arithmetic``).
 """

@@ -1,14 +1,28 @@
-"""What the worlds share: the check of a shipped pretrained folder and the train / held-out prompt split."""
+"""What the worlds share: the check of a shipped pretrained folder, the train / held-out caption split and the
+prompt sets drawn from it."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Callable, Sequence
+import logging
+import random
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from alignkit.config import PromptsConfig
 from alignkit.prompts import PromptSet
+
+logger = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "heldout")
+HELDOUT_MODULUS = 5
+"""A caption is held out when ``sha256(caption) % HELDOUT_MODULUS == 0`` (about 20%)."""
+
 
 _OPTIONS = ("train_size", "eval_size", "seed", "categories", "eval_split")
 EVAL_SPLITS = ("validation", "test")
@@ -23,6 +37,49 @@ draws of seed 0 with 64 or 96 prompts."""
 TEST_DRAWS_PER_PROMPT = 50
 """The ``test`` draw keeps distinct captions only (a repeated caption is not a new unit of evidence): it draws up to
 this many specs per prompt to find them."""
+
+
+MAX_REJECTED_IN_A_ROW = 10_000
+""":func:`draw_split` gives up after this many rejected draws in a row (a split with nothing left: a split that has
+captions accepts a draw with probability of a few percent at least, so 10,000 rejections in a row do not happen)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def split_of(caption: str) -> str:
+    """``"heldout"`` or ``"train"``: the split a caption belongs to (deterministic hash rule)."""
+    digest = int(hashlib.sha256(caption.encode("utf-8")).hexdigest(), 16)
+    return "heldout" if digest % HELDOUT_MODULUS == 0 else "train"
+
+
+def draw_split(n: int, seed: int, split: str, sample: Callable[[random.Random], Any],
+               exclude: Collection[str] = frozenset()) -> list[Any]:
+    """``n`` specs ``sample(rng)`` from ``random.Random(seed)`` whose caption falls in ``split`` (or ``"all"``) and
+    is not in ``exclude`` (with no exclusion, the same list as before the option existed).
+
+    Shared by the worlds' prompt sets: a spec is anything with a ``caption()``.
+
+    Raises:
+        ValueError: an unknown split, or no caption of the split left outside ``exclude``
+            (:data:`MAX_REJECTED_IN_A_ROW` draws in a row found none).
+    """
+    if split not in (*SPLITS, "all"):
+        raise ValueError(f"split={split!r} is unknown; use one of {(*SPLITS, 'all')}")
+    rng = random.Random(seed)
+    out: list[Any] = []
+    draws = rejected = 0
+    while len(out) < n:
+        spec = sample(rng)
+        draws += 1
+        caption = spec.caption()
+        if (split == "all" or split_of(caption) == split) and caption not in exclude:
+            out.append(spec)
+            rejected = 0
+        else:
+            rejected += 1
+            if rejected >= MAX_REJECTED_IN_A_ROW:
+                raise ValueError(f"found {len(out)} of {n} {split} captions in {draws} draws outside the "
+                                 f"{len(exclude)} excluded ones")
+    return out
 
 
 def shipped_folder(folder: Path, marker: str, what: str, command: str) -> Path:
@@ -104,6 +161,10 @@ def split_prompt_sets(
             specs.append(spec)
             if len(specs) == eval_size:
                 break
+    if not specs:
+        raise ValueError(f"prompts.options.eval_split=test: source {source!r} has no held-out caption outside the "
+                         f"{len(exclude)} of its validation draws (its held-out set is too small for a separate test "
+                         "split); use eval_split=validation")
     if len(specs) < eval_size:
         raise ValueError(f"prompts.options.eval_split=test: prompts.options.eval_size={eval_size} distinct test "
                          f"captions asked, {len(specs)} found (the test split of source {source!r} keeps distinct "
@@ -111,3 +172,56 @@ def split_prompt_sets(
                          f"prompts.options.eval_size of at most {len(specs)}, more prompts.options.categories or "
                          "eval_split=validation")
     return train, make(specs)
+
+
+def as_spec(item: Any, index: int, spec_type: type, world: str) -> Any:
+    """``item`` if it is a ``spec_type``, else the spec its metadata dict describes (``spec_type.from_metadata``).
+
+    Raises:
+        ValueError: ``metadata[index]`` is not a ``world`` spec.
+    """
+    if isinstance(item, spec_type):
+        return item
+    try:
+        return spec_type.from_metadata(dict(item))
+    except ValueError as exc:
+        raise ValueError(f"metadata[{index}] is not a {world} spec: {exc}") from exc
+
+
+def spec_of_sample(prompt: str, metadata: Mapping[str, Any] | None, spec_type: type,
+                   parse: Callable[[str], Any]) -> Any:
+    """The spec of one sample: from its metadata when that carries one (a ``"category"`` or ``"objects"``
+    key, as ``spec_type.to_metadata`` writes), else ``parse(prompt)`` (None when the caption is not one)."""
+    if metadata and ("category" in metadata or "objects" in metadata):
+        return spec_type.from_metadata(dict(metadata))
+    return parse(prompt)
+
+
+def score_by_spec(
+    samples: torch.Tensor | np.ndarray,
+    prompts: Sequence[str],
+    metadata: Sequence[Mapping[str, Any]],
+    resolve: Callable[[str, Mapping[str, Any] | None], Any],
+    details: Callable[[Any, list[Any]], list[dict[str, Any]]],
+    mode: str,
+    world: str,
+) -> list[float | None]:
+    """The ``mode`` score of each sample whose spec ``resolve(prompt, metadata)`` finds; None for the others.
+
+    Shared by the programmatic world rewards: ``details(samples[rows], specs)`` evaluates the samples that
+    have a spec (``world`` names the world in the debug log).
+    """
+    metadata = list(metadata) or [{} for _ in prompts]
+    if len(metadata) != len(prompts) or len(samples) != len(prompts):
+        raise ValueError(f"{len(samples)} samples, {len(prompts)} prompts and {len(metadata)} metadata rows; "
+                         "give one of each per sample")
+    specs = [resolve(p, m) for p, m in zip(prompts, metadata)]
+    rows = [i for i, spec in enumerate(specs) if spec is not None]
+    scores: list[float | None] = [None] * len(specs)
+    if len(rows) < len(specs):
+        logger.debug("%d of %d samples have no %s spec", len(specs) - len(rows), len(specs), world)
+    if rows:
+        chosen = samples[rows] if isinstance(samples, torch.Tensor) else np.asarray(samples)[rows]
+        for i, d in zip(rows, details(chosen, [specs[i] for i in rows])):
+            scores[i] = d[mode]
+    return scores

@@ -22,7 +22,10 @@ from transformers import T5GemmaConfig, T5GemmaEncoderModel
 
 from alignkit.modalities.image.tiny import _finalize, build_tiny_tokenizer
 
-__all__ = ["TINY_MAX_DURATION", "TINY_SAMPLE_RATE", "build_tiny_stable_audio3_pipeline"]
+__all__ = [
+    "TINY_MAX_DURATION", "TINY_SAMPLE_RATE", "build_tiny_stable_audio3_pipeline", "randomize_untrained",
+    "tiny_t5gemma_encoder",
+]
 
 TINY_SAMPLE_RATE = 8000
 """Sample rate (Hz) of the tiny pipeline's VAE."""
@@ -34,18 +37,21 @@ _WIDTH = 32
 _TEXT_LENGTH = 16
 
 
-def _t5gemma_encoder(vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> T5GemmaEncoderModel:
+def tiny_t5gemma_encoder(
+    vocab_size: int, pad_id: int, bos_id: int, eos_id: int, *, width: int = _WIDTH, text_length: int = _TEXT_LENGTH
+) -> T5GemmaEncoderModel:
+    """A random 2-layer T5Gemma encoder of ``width`` (heads of 16 dims) for prompts of ``text_length`` tokens."""
     module = dict(
-        vocab_size=vocab_size, hidden_size=_WIDTH, intermediate_size=2 * _WIDTH, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
-        max_position_embeddings=4 * _TEXT_LENGTH, sliding_window=_TEXT_LENGTH, pad_token_id=pad_id,
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=width // 16, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+        max_position_embeddings=4 * text_length, sliding_window=text_length, pad_token_id=pad_id,
         bos_token_id=bos_id, eos_token_id=eos_id,
     )
     config = T5GemmaConfig(encoder=module, decoder=module, vocab_size=vocab_size, is_encoder_decoder=False)
     return T5GemmaEncoderModel(config)
 
 
-def _randomize_untrained(module: torch.nn.Module, std: float = 0.1) -> None:
+def randomize_untrained(module: torch.nn.Module, std: float = 0.1) -> None:
     """Give the parameters diffusers initialises to (near) zero random values, as training would.
 
     diffusers zero-initialises residual output projections (the SAME blocks' attention / feed-forward outputs, the
@@ -85,17 +91,17 @@ def build_tiny_stable_audio3_pipeline(
             io_channels=8, embed_dim=_WIDTH, depth=2, num_heads=2, cond_token_dim=_WIDTH, global_cond_dim=_WIDTH,
             local_add_cond_dim=3, timestep_features_dim=16, ff_mult=2.0, num_memory_tokens=2,
         )
-        _randomize_untrained(transformer)
+        randomize_untrained(transformer)
         torch.manual_seed(seed + 1)
         vae = AutoencoderSAME(
             audio_channels=2, patch_size=16, encoder_channels=8, encoder_c_mults=(2,), encoder_strides=(4,),
             encoder_transformer_depths=(1,), latent_dim=8, dim_heads=8, ff_mult=2, sampling_rate=sample_rate,
         )
-        _randomize_untrained(vae)
+        randomize_untrained(vae)
         torch.manual_seed(seed + 2)
         duration_embedder = StableAudio3DurationEmbedder(output_dim=_WIDTH, fourier_dim=16, max_val=TINY_MAX_DURATION)
         torch.manual_seed(seed + 3)
-        text_encoder = _t5gemma_encoder(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
+        text_encoder = tiny_t5gemma_encoder(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
                                         tokenizer.eos_token_id)
     # SA3's DiT takes the timestep as sigma in [0, 1]: the pipeline passes the scheduler's timesteps unscaled
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0,

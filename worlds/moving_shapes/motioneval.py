@@ -40,15 +40,13 @@ import numpy as np
 import torch
 
 from alignkit.rewards.video import check_videos
+from alignkit.worlds.common import as_spec, score_by_spec, spec_of_sample
 from alignkit.worlds.moving_shapes.world import DIRECTIONS, MotionSpec, MovingObject, parse_caption
 from alignkit.worlds.shapes.shapeeval import (
     DEFAULT_DETECTOR,
     DetectedObject,
     DetectorConfig,
-    as_spec,
     detect,
-    score_by_spec,
-    spec_of_sample,
     summarize,
 )
 
@@ -197,7 +195,7 @@ def motioneval_details(
 
 
 def resolve_spec(prompt: str, metadata: Mapping[str, Any] | None) -> MotionSpec | None:
-    """The moving-shapes spec of one sample (:func:`alignkit.worlds.shapes.shapeeval.spec_of_sample`); None for a
+    """The moving-shapes spec of one sample (:func:`alignkit.worlds.common.spec_of_sample`); None for a
     caption of no moving-shapes world.
 
     Raises:

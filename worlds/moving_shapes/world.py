@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from alignkit.worlds.common import draw_split
 from alignkit.worlds.shapes.world import (
     BACKGROUND,
     COLORS,
@@ -47,7 +48,6 @@ from alignkit.worlds.shapes.world import (
     SHAPES,
     SPLITS,
     ObjectSpec,
-    draw_split,
     shape_mask,
     split_of,
 )
@@ -224,7 +224,7 @@ def prompt_set(
         seed: seed of the draw; the same arguments give the same list.
         split: ``"train"`` or ``"heldout"`` (see :func:`split_of`), or ``"all"``.
         categories: categories to draw from (all by default).
-        exclude: captions never drawn (:func:`~alignkit.worlds.shapes.world.draw_split`).
+        exclude: captions never drawn (:func:`~alignkit.worlds.common.draw_split`).
     """
     return draw_split(n, seed, split, lambda rng: sample_spec(rng, categories), exclude)
 

@@ -46,13 +46,16 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+# the spec helpers are the worlds' shared ones (spec_of_sample re-exported)
+from alignkit.worlds.common import as_spec, score_by_spec
+from alignkit.worlds.common import spec_of_sample as spec_of_sample
 from alignkit.worlds.shapes.world import (
     BACKGROUND,
     CATEGORIES,
@@ -259,29 +262,6 @@ def soft_credits(
     return credits
 
 
-def as_spec(item: Any, index: int, spec_type: type, world: str) -> Any:
-    """``item`` if it is a ``spec_type``, else the spec its metadata dict describes (``spec_type.from_metadata``).
-
-    Raises:
-        ValueError: ``metadata[index]`` is not a ``world`` spec.
-    """
-    if isinstance(item, spec_type):
-        return item
-    try:
-        return spec_type.from_metadata(dict(item))
-    except ValueError as exc:
-        raise ValueError(f"metadata[{index}] is not a {world} spec: {exc}") from exc
-
-
-def spec_of_sample(prompt: str, metadata: Mapping[str, Any] | None, spec_type: type,
-                   parse: Callable[[str], Any]) -> Any:
-    """The spec of one sample: from its metadata when that carries one (a ``"category"`` or ``"objects"``
-    key, as ``spec_type.to_metadata`` writes), else ``parse(prompt)`` (None when the caption is not one)."""
-    if metadata and ("category" in metadata or "objects" in metadata):
-        return spec_type.from_metadata(dict(metadata))
-    return parse(prompt)
-
-
 def shapeeval_details(
     images: torch.Tensor | np.ndarray,
     metadata: Sequence[PromptSpec | Mapping[str, Any]],
@@ -345,42 +325,13 @@ def summarize(details: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def resolve_spec(prompt: str, metadata: Mapping[str, Any] | None) -> PromptSpec | None:
-    """The shapes-world spec of one sample (:func:`spec_of_sample`); None for a caption of no shapes-world.
+    """The shapes-world spec of one sample (:func:`alignkit.worlds.common.spec_of_sample`); None for a caption of
+    no shapes-world.
 
     Raises:
         ValueError: when the metadata carries a malformed spec.
     """
     return spec_of_sample(prompt, metadata, PromptSpec, parse_caption)
-
-
-def score_by_spec(
-    samples: torch.Tensor | np.ndarray,
-    prompts: Sequence[str],
-    metadata: Sequence[Mapping[str, Any]],
-    resolve: Callable[[str, Mapping[str, Any] | None], Any],
-    details: Callable[[Any, list[Any]], list[dict[str, Any]]],
-    mode: str,
-    world: str,
-) -> list[float | None]:
-    """The ``mode`` score of each sample whose spec ``resolve(prompt, metadata)`` finds; None for the others.
-
-    Shared by the programmatic world rewards: ``details(samples[rows], specs)`` evaluates the samples that
-    have a spec (``world`` names the world in the debug log).
-    """
-    metadata = list(metadata) or [{} for _ in prompts]
-    if len(metadata) != len(prompts) or len(samples) != len(prompts):
-        raise ValueError(f"{len(samples)} samples, {len(prompts)} prompts and {len(metadata)} metadata rows; "
-                         "give one of each per sample")
-    specs = [resolve(p, m) for p, m in zip(prompts, metadata)]
-    rows = [i for i, spec in enumerate(specs) if spec is not None]
-    scores: list[float | None] = [None] * len(specs)
-    if len(rows) < len(specs):
-        logger.debug("%d of %d samples have no %s spec", len(specs) - len(rows), len(specs), world)
-    if rows:
-        chosen = samples[rows] if isinstance(samples, torch.Tensor) else np.asarray(samples)[rows]
-        for i, d in zip(rows, details(chosen, [specs[i] for i in rows])):
-            scores[i] = d[mode]
-    return scores
 
 
 class ShapeEval:

@@ -14,7 +14,8 @@ Caption categories (GenEval style):
 * ``position``: "a red circle left of a green square" (object A, relation, object B); in the render the
   centroids differ by at least ``RELATION_MARGIN`` px along the relation's axis.
 
-Held-out captions: a caption is held out when the SHA-256 of its text, read as an integer, is 0 mod 5:
+Held-out captions (the worlds' shared rule, :func:`alignkit.worlds.common.split_of`): a caption is held out when
+the SHA-256 of its text, read as an integer, is 0 mod 5:
 120 of the 696 distinct captions (17%; 3 single, 4 count, 22 two_object, 91 position). :func:`prompt_set`
 draws from one split only, so held-out captions are never trained on.
 """
@@ -22,14 +23,19 @@ draws from one split only, so held-out captions are never trained on.
 from __future__ import annotations
 
 import functools
-import hashlib
 import random
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+
+# the split rule is the worlds' shared one, re-exported here for the shapes worlds
+from alignkit.worlds.common import HELDOUT_MODULUS as HELDOUT_MODULUS
+from alignkit.worlds.common import SPLITS as SPLITS
+from alignkit.worlds.common import draw_split
+from alignkit.worlds.common import split_of as split_of
 
 IMAGE_SIZE = 32
 BACKGROUND: tuple[int, int, int] = (255, 255, 255)
@@ -45,9 +51,6 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COUNT_WORDS: dict[int, str] = {1: "a", 2: "two", 3: "three"}
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 CATEGORIES: tuple[str, ...] = ("single", "count", "two_object", "position")
-SPLITS: tuple[str, ...] = ("train", "heldout")
-HELDOUT_MODULUS = 5
-"""A caption is held out when ``sha256(caption) % HELDOUT_MODULUS == 0`` (about 20%)."""
 
 RADIUS_RANGE: tuple[int, int] = (4, 6)
 """Inclusive range of object radii in px (box side ``2r + 1``: 9 to 13 px)."""
@@ -216,13 +219,6 @@ def all_specs(categories: Sequence[str] | None = None) -> list[PromptSpec]:
     return out
 
 
-@functools.lru_cache(maxsize=4096)
-def split_of(caption: str) -> str:
-    """``"heldout"`` or ``"train"``: the split a caption belongs to (deterministic hash rule)."""
-    digest = int(hashlib.sha256(caption.encode("utf-8")).hexdigest(), 16)
-    return "heldout" if digest % HELDOUT_MODULUS == 0 else "train"
-
-
 def sample_spec(rng: random.Random, categories: Sequence[str] | None = None) -> PromptSpec:
     """A random prompt: category uniform over ``categories`` (all by default), then uniform attributes."""
     cats = tuple(categories) if categories is not None else CATEGORIES
@@ -256,39 +252,6 @@ def prompt_set(
         exclude: captions never drawn (:func:`draw_split`).
     """
     return draw_split(n, seed, split, lambda rng: sample_spec(rng, categories), exclude)
-
-
-MAX_DRAWS_PER_PROMPT = 10_000
-""":func:`draw_split` gives up after this many rejected draws per prompt asked for (a split with nothing left)."""
-
-
-def draw_split(n: int, seed: int, split: str, sample: Callable[[random.Random], Any],
-               exclude: Collection[str] = frozenset()) -> list[Any]:
-    """``n`` specs ``sample(rng)`` from ``random.Random(seed)`` whose caption falls in ``split`` (or ``"all"``) and
-    is not in ``exclude`` (with no exclusion, the same list as before the option existed).
-
-    Shared by the shapes worlds (image and video): a spec is anything with a ``caption()``.
-
-    Raises:
-        ValueError: an unknown split, or no caption of the split left outside ``exclude``
-            (:data:`MAX_DRAWS_PER_PROMPT` draws per prompt found too few).
-    """
-    if split not in (*SPLITS, "all"):
-        raise ValueError(f"split={split!r} is unknown; use one of {(*SPLITS, 'all')}")
-    rng = random.Random(seed)
-    out: list[Any] = []
-    limit = MAX_DRAWS_PER_PROMPT * max(n, 1)
-    draws = 0
-    while len(out) < n:
-        spec = sample(rng)
-        draws += 1
-        caption = spec.caption()
-        if (split == "all" or split_of(caption) == split) and caption not in exclude:
-            out.append(spec)
-        elif draws >= limit:
-            raise ValueError(f"found {len(out)} of {n} {split} captions in {draws} draws outside the "
-                             f"{len(exclude)} excluded ones")
-    return out
 
 
 @functools.cache
