@@ -10,15 +10,18 @@ fixed thread count.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["caption_batches", "train_autoencoder", "train_rectified_flow"]
+__all__ = ["caption_batches", "save_pretrained_run", "train_autoencoder", "train_rectified_flow"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,3 +144,19 @@ def train_rectified_flow(
     for m in modules:
         m.eval().requires_grad_(False)
     return ema
+
+
+def save_pretrained_run(pipe: Any, out: Path, info: dict[str, Any], started: float, cpu_started: float,
+                        evaluate: Callable[[Path], dict[str, Any]] | None) -> dict[str, Any]:
+    """The end of a world's pretraining: ``train_seconds`` / ``train_cpu_seconds`` since ``started``
+    (``time.perf_counter``) / ``cpu_started`` (``time.process_time``) into ``info``, the pipeline saved to ``out``
+    (safetensors), ``evaluate(out)``'s held-out scores added, and ``info`` written to ``out/pretrain_info.json``."""
+    info["train_seconds"] = time.perf_counter() - started
+    info["train_cpu_seconds"] = time.process_time() - cpu_started
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    logger.info("saved %s after %.0f s (%.0f s CPU)", out, info["train_seconds"], info["train_cpu_seconds"])
+    if evaluate is not None:
+        info |= evaluate(out)
+    (out / "pretrain_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info

@@ -31,7 +31,12 @@ from diffusers import WanPipeline
 
 from alignkit.worlds.moving_shapes.model import NUM_FRAMES, TOKEN_LENGTH, WEIGHTS_DIR, build_shapes_video_pipeline
 from alignkit.worlds.moving_shapes.world import prompt_set, render_batch
-from alignkit.worlds.pretrain_common import caption_batches, train_autoencoder, train_rectified_flow
+from alignkit.worlds.pretrain_common import (
+    caption_batches,
+    save_pretrained_run,
+    train_autoencoder,
+    train_rectified_flow,
+)
 
 __all__ = ["heldout_motioneval", "latent_pool", "pretrain", "train_flow", "train_vae"]
 
@@ -200,15 +205,7 @@ def pretrain(out: Path, *, seed: int = 0, vae_image_steps: int = 500, vae_steps:
     else:
         info |= _reuse_vae(pipe, Path(vae_from), info)
     info |= train_flow(pipe, steps, batch, lr, seed, pool)
-    info["train_seconds"] = time.perf_counter() - t0
-    info["train_cpu_seconds"] = time.process_time() - c0
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
-    logger.info("saved %s after %.0f s (%.0f s CPU)", out, info["train_seconds"], info["train_cpu_seconds"])
-    if evaluate:
-        info |= heldout_motioneval(out)
-    (out / "pretrain_info.json").write_text(json.dumps(info, indent=1) + "\n")
-    return info
+    return save_pretrained_run(pipe, out, info, t0, c0, heldout_motioneval if evaluate else None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableAudio3Pipeline
 
-from alignkit.worlds.pretrain_common import caption_batches, train_rectified_flow
+from alignkit.worlds.pretrain_common import caption_batches, save_pretrained_run, train_rectified_flow
 from alignkit.worlds.tones.model import WEIGHTS_DIR, build_tones_pipeline
 from alignkit.worlds.tones.world import CLIP_SECONDS, NUM_SAMPLES, prompt_set, render_batch
 
@@ -183,15 +183,7 @@ def pretrain(out: Path, *, seed: int = 0, vae_steps: int = 800, vae_batch: int =
     info |= train_vae(pipe, vae_steps, vae_batch, vae_lr, seed, latent_noise)
     info["vae_seconds"] = time.perf_counter() - t0
     info |= train_flow(pipe, steps, batch, lr, seed, pool)
-    info["train_seconds"] = time.perf_counter() - t0
-    info["train_cpu_seconds"] = time.process_time() - c0
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
-    logger.info("saved %s after %.0f s (%.0f s CPU)", out, info["train_seconds"], info["train_cpu_seconds"])
-    if evaluate:
-        info |= heldout_toneeval(out)
-    (out / "pretrain_info.json").write_text(json.dumps(info, indent=1) + "\n")
-    return info
+    return save_pretrained_run(pipe, out, info, t0, c0, heldout_toneeval if evaluate else None)
 
 
 def main(argv: list[str] | None = None) -> None:
