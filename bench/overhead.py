@@ -30,6 +30,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from alignkit.cpu_threads import prepare_openmp
 
@@ -108,6 +109,32 @@ def raw_update(tr: torch.nn.Module, opt: torch.optim.Optimizer, emb: torch.Tenso
     tr.eval()
 
 
+def _encoded(pipe: Any, cfg: Any, prompts: list[str], repeats: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CFG text embeddings and pooled projections of ``prompts`` (negative half first), each prompt repeated
+    ``repeats`` times, the first ``2 * rows`` rows."""
+    with torch.no_grad():
+        pe, npe, pooled, npooled = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=True,
+            negative_prompt=[""] * len(prompts), max_sequence_length=cfg.backbone.max_sequence_length,
+        )
+    emb = torch.cat([npe, pe]).repeat_interleave(repeats, 0)[: 2 * rows]
+    pool = torch.cat([npooled, pooled]).repeat_interleave(repeats, 0)[: 2 * rows]
+    return emb, pool
+
+
+def _decode_and_score(pipe: Any, finals: list[torch.Tensor], reward: JpegCompressibility) -> None:
+    """VAE-decode the final latents and score the images, as the rollout's decode and reward phases do."""
+    with torch.no_grad():
+        images = pipe.vae.decode(torch.cat(finals) / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        images = (images / 2 + 0.5).clamp(0, 1)
+    reward(images, [""] * len(images), [{}] * len(images))
+
+
+def _raw_optimizer(tr: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the trainable (LoRA) parameters: a real step of the same size; lr ~0 keeps the model fixed."""
+    return torch.optim.AdamW([p for p in tr.parameters() if p.requires_grad], lr=1e-12)
+
+
 def raw_epoch(trainer: Trainer) -> float:
     """The same model work as one Flow-GRPO epoch, written directly against the diffusers modules."""
     cfg = trainer.cfg
@@ -115,21 +142,13 @@ def raw_epoch(trainer: Trainer) -> float:
     tr = pipe.transformer
     g = cfg.backbone.guidance_scale
     n_prompts, n_seeds, batch = cfg.train.prompts_per_epoch, cfg.algo.num_seeds, cfg.train.rollout_batch_size
-    prompts = trainer.train_prompts.prompts[:n_prompts]
     steps = cfg.backbone.num_steps
     h = cfg.backbone.height // pipe.vae_scale_factor
     reward = JpegCompressibility()
-    params = [p for p in tr.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-12)  # a real step of the same size; lr ~0 keeps the model fixed
+    opt = _raw_optimizer(tr)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        pe, npe, pooled, npooled = pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=True,
-            negative_prompt=[""] * len(prompts), max_sequence_length=cfg.backbone.max_sequence_length,
-        )
     s_total = n_prompts * n_seeds
-    emb = torch.cat([npe, pe]).repeat_interleave(n_seeds, 0)[: 2 * s_total]
-    pool = torch.cat([npooled, pooled]).repeat_interleave(n_seeds, 0)[: 2 * s_total]
+    emb, pool = _encoded(pipe, cfg, trainer.train_prompts.prompts[:n_prompts], n_seeds, s_total)
     latents = torch.randn(s_total, 4, h, h)
     finals = []
     with torch.no_grad():
@@ -144,9 +163,7 @@ def raw_epoch(trainer: Trainer) -> float:
                 u, c = out.chunk(2)
                 x = x - (u + g * (c - u)) / steps
             finals.append(x)
-        images = pipe.vae.decode(torch.cat(finals) / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        images = (images / 2 + 0.5).clamp(0, 1)
-    reward(images, [""] * s_total, [{}] * s_total)
+    _decode_and_score(pipe, finals, reward)
     raw_update(tr, opt, emb, pool, s_total * (steps - 1), cfg.train.train_batch_size, h)
     return time.perf_counter() - t0
 
@@ -160,22 +177,14 @@ def raw_tempflow_epoch(trainer: Trainer) -> float:
     g = cfg.backbone.guidance_scale
     n_prompts, n_seeds, batch = cfg.train.prompts_per_epoch, cfg.algo.num_seeds, cfg.train.rollout_batch_size
     children = int(cfg.algo.plan.options["children"])
-    prompts = trainer.train_prompts.prompts[:n_prompts]
     steps = cfg.backbone.num_steps
     h = cfg.backbone.height // pipe.vae_scale_factor
     reward = JpegCompressibility()
-    params = [p for p in tr.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-12)  # a real step of the same size; lr ~0 keeps the model fixed
+    opt = _raw_optimizer(tr)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        pe, npe, pooled, npooled = pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=True,
-            negative_prompt=[""] * len(prompts), max_sequence_length=cfg.backbone.max_sequence_length,
-        )
     s_total = n_prompts * n_seeds
     rows = max(batch, s_total * children)
-    emb = torch.cat([npe, pe]).repeat_interleave(rows, 0)[: 2 * rows]
-    pool = torch.cat([npooled, pooled]).repeat_interleave(rows, 0)[: 2 * rows]
+    emb, pool = _encoded(pipe, cfg, trainer.train_prompts.prompts[:n_prompts], rows, rows)
 
     def velocity(x: torch.Tensor, i: int) -> torch.Tensor:
         """CFG velocity of ``x`` [b, C, h, w] at step ``i``, in rollout batches."""
@@ -204,9 +213,7 @@ def raw_tempflow_epoch(trainer: Trainer) -> float:
             for j in range(k + 1, steps):
                 child = child - velocity(child, j) / steps
             finals.append(child)
-        images = pipe.vae.decode(torch.cat(finals) / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        images = (images / 2 + 0.5).clamp(0, 1)
-    reward(images, [""] * len(images), [{}] * len(images))
+    _decode_and_score(pipe, finals, reward)
     # one distinct input per branch point: its children share it
     raw_update(tr, opt, emb, pool, s_total * (steps - 1), cfg.train.train_batch_size, h)
     return time.perf_counter() - t0
