@@ -12,9 +12,10 @@ import itertools
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Estimate", "by_prompt", "first_crossing", "interpolate", "mean_estimate", "paired_difference",
-           "seed_paired_difference", "t975"]
+__all__ = ["Estimate", "by_prompt", "first_crossing", "format_interval", "interpolate", "mean_estimate",
+           "paired_difference", "seed_paired_difference", "t975"]
 
 # two-sided 95% quantiles of Student's t for 1..30 degrees of freedom
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -134,3 +135,15 @@ def seed_paired_difference(a: Mapping[Hashable, float], b: Mapping[Hashable, flo
     """Mean of ``b - a`` over the keys (seeds) both hold a finite value for, with its standard error over them
     (the t interval of :attr:`Estimate.half_width` is the paired t interval)."""
     return mean_estimate([b[k] - a[k] for k in a if k in b and math.isfinite(a[k]) and math.isfinite(b[k])])
+
+
+def format_interval(d: Mapping[str, Any] | None, signed: bool = False) -> str:
+    """``"mean [lo, hi]"`` of an :meth:`Estimate.to_dict` (3 decimals; ``signed`` shows ``+`` signs, for
+    differences); ``"mean (n=...)"`` without an interval; ``"-"`` without a mean."""
+    if not d or d.get("mean") is None:
+        return "-"
+    lo, hi = d["ci95"]
+    mean = f"{d['mean']:+.3f}" if signed else f"{d['mean']:.3f}"
+    if lo is None:
+        return f"{mean} (n={d['n']})"
+    return f"{mean} [{lo:+.3f}, {hi:+.3f}]" if signed else f"{mean} [{lo:.3f}, {hi:.3f}]"

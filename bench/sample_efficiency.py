@@ -51,7 +51,15 @@ from alignkit.compare import compare_runs, heldout_curve, mean_band  # noqa: E40
 from alignkit.errors import RunFolderError  # noqa: E402
 from alignkit.provenance import environment, read_environment  # noqa: E402
 from alignkit.run_dir import AXES, RunDir  # noqa: E402
-from alignkit.stats import Estimate, by_prompt, first_crossing, interpolate, mean_estimate, seed_paired_difference  # noqa: E402
+from alignkit.stats import (  # noqa: E402
+    Estimate,
+    by_prompt,
+    first_crossing,
+    format_interval,
+    interpolate,
+    mean_estimate,
+    seed_paired_difference,
+)
 
 logger = logging.getLogger("bench.sample_efficiency")
 
@@ -413,15 +421,6 @@ def _to_target(runs: dict[str, dict[int, RunDir]], curves_by_axis: dict[str, Any
 # --- outputs ------------------------------------------------------------------------------------------------
 
 
-def _ci(d: dict[str, Any] | None, signed: bool = False) -> str:
-    if not d or d.get("mean") is None:
-        return "-"
-    lo, hi = d["ci95"]
-    mean = f"{d['mean']:+.3f}" if signed else f"{d['mean']:.3f}"
-    return f"{mean} [{lo:+.3f}, {hi:+.3f}]" if lo is not None and signed else \
-        (f"{mean} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{mean} (n={d['n']})")
-
-
 def table(summary: dict[str, Any]) -> str:
     lines = [f"# Sample efficiency at equal compute ({summary['reward']}, split {summary['split']})", "",
              "Scores: mean over seeds [95% t interval]; differences: seed-paired to "
@@ -432,14 +431,16 @@ def table(summary: dict[str, Any]) -> str:
                   "| method | " + " | ".join(f"score @{f}" for f in FRACTIONS) + " | " +
                   " | ".join(f"diff @{f}" for f in FRACTIONS) + " |", "|---" * (1 + 2 * len(FRACTIONS)) + "|"]
         for m in block["budgets"]["1"]["methods"]:
-            cells = [_ci(block["budgets"][f]["methods"][m]["score"]) for f in FRACTIONS]
-            diffs = [_ci(block["budgets"][f]["methods"][m]["diff_vs_baseline_seed_paired"], True) for f in FRACTIONS]
+            cells = [format_interval(block["budgets"][f]["methods"][m]["score"]) for f in FRACTIONS]
+            diffs = [format_interval(block["budgets"][f]["methods"][m]["diff_vs_baseline_seed_paired"], True)
+                     for f in FRACTIONS]
             lines.append(f"| {m} | " + " | ".join(cells) + " | " + " | ".join(diffs) + " |")
         lines.append("")
     lines += ["## Final evaluation, prompt-paired difference to the baseline (alignkit.compare)", ""]
     for m, v in summary["prompt_paired_final"].items():
         if isinstance(v, dict):
-            lines.append(f"- {m}: final {_ci(v['final'])}, diff {_ci(v['diff_vs_baseline'], True)}")
+            lines.append(f"- {m}: final {format_interval(v['final'])}, "
+                         f"diff {format_interval(v['diff_vs_baseline'], True)}")
     tt = summary["to_target"]
     lines += ["", "## To target", ""]
     if not tt.get("shown"):

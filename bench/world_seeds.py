@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.provenance import environment, read_environment
-from alignkit.stats import mean_estimate, seed_paired_difference
+from alignkit.stats import format_interval, mean_estimate, seed_paired_difference
 
 logger = logging.getLogger("world_seeds")
 
@@ -74,19 +74,13 @@ def analyse(rows: dict[int, dict[str, Any]]) -> dict[str, Any]:
     names = sorted({n for r in rows.values() for n in r.get("rewards", {})})
     out: dict[str, Any] = {}
     for name in names:
-        before = {s: r["rewards"][name]["before"] for s, r in rows.items() if name in r.get("rewards", {})}
-        after = {s: r["rewards"][name]["after"] for s, r in rows.items() if name in r.get("rewards", {})}
-        before = {s: math.nan if v is None else v for s, v in before.items()}
-        after = {s: math.nan if v is None else v for s, v in after.items()}
+        scored = {s: r["rewards"][name] for s, r in rows.items() if name in r.get("rewards", {})}
+        before = {s: math.nan if v["before"] is None else v["before"] for s, v in scored.items()}
+        after = {s: math.nan if v["after"] is None else v["after"] for s, v in scored.items()}
         out[name] = {"before": mean_estimate(list(before.values())).to_dict(),
                      "after": mean_estimate(list(after.values())).to_dict(),
                      "change": seed_paired_difference(before, after).to_dict()}
     return out
-
-
-def _ci(e: dict[str, Any]) -> str:
-    lo, hi = e["ci95"]
-    return f"{e['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]" if lo is not None else f"{e['mean']:+.3f}"
 
 
 def markdown(recipe: str, result: dict[str, Any]) -> str:
@@ -95,8 +89,7 @@ def markdown(recipe: str, result: dict[str, Any]) -> str:
              "| reward | before | after | change |", "|---|---|---|---|"]
     for name, e in result["rewards"].items():
         b, a = e["before"], e["after"]
-        lines.append(f"| {name} | {b['mean']:.3f} | {a['mean']:.3f} [{a['ci95'][0] or math.nan:.3f}, "
-                     f"{a['ci95'][1] or math.nan:.3f}] | {_ci(e['change'])} |")
+        lines.append(f"| {name} | {b['mean']:.3f} | {format_interval(a)} | {format_interval(e['change'], True)} |")
     lines += ["", "| seed | status | " + " | ".join(f"{n} before -> after" for n in result["rewards"]) +
               " | training s | wall s | load average |", "|---" * (len(result["rewards"]) + 5) + "|"]
     for seed, r in result["seeds"].items():

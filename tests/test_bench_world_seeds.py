@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from script_modules import load_bench
 
+from alignkit.stats import format_interval
+
 ws = load_bench("world_seeds")
 
 
@@ -54,3 +56,12 @@ def test_analyze_only_names_missing_folders(tmp_path: Path, monkeypatch: pytest.
                                       "--seeds", "0"])
     with pytest.raises(SystemExit, match=r"no run folders for seeds \[0\]"):
         ws.main()
+
+
+def test_intervals_print_zero_bounds_and_missing_intervals() -> None:
+    # a bound of exactly 0 (a strict score that never moved) prints as 0, not as a missing value
+    assert format_interval({"mean": 0.0, "se": 0.0, "n": 5, "ci95": [0.0, 0.0]}) == "0.000 [0.000, 0.000]"
+    assert format_interval({"mean": 0.02, "se": 0.01, "n": 5, "ci95": [-0.01, 0.05]}, signed=True) == \
+        "+0.020 [-0.010, +0.050]"
+    assert format_interval({"mean": 0.3, "se": None, "n": 1, "ci95": [None, None]}) == "0.300 (n=1)"
+    assert format_interval(None) == "-"
