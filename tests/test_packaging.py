@@ -43,6 +43,7 @@ out = {
     "builtin_arithmetic": resolve_pretrained("builtin:arithmetic"),
     "builtin_video": resolve_pretrained("builtin:shapes-video"),
     "builtin_tones": resolve_pretrained("builtin:tones"),
+    "builtin_palette": resolve_pretrained("builtin:shapes-palette"),
     "toneeval": inspect.getfile(REWARDS.get("toneeval")),
     "backbone": load_run_config("default").backbone.name,
 }
@@ -73,6 +74,7 @@ def test_the_wheel_holds_only_the_alignkit_top_level_name(wheel: Path) -> None:
                    "alignkit/worlds/moving_shapes/weights/model_index.json",
                    "alignkit/worlds/arithmetic/weights/model.safetensors",
                    "alignkit/worlds/tones/weights/vae/diffusion_pytorch_model.safetensors",
+                   "alignkit/worlds/shapes/palette_weights/model.safetensors",
                    "alignkit/recipes/tones_tempflow_grpo.yaml",
                    "alignkit/modalities/image/sd3.py", "alignkit/rewards/compression.py"):
         assert needed in names, needed
@@ -103,9 +105,9 @@ def test_the_installed_wheel_resolves_entry_points_recipes_and_weights_from_itse
     assert out["alignkit"].startswith(inside)
     assert out["bare"] == {"modalities": False, "rewards": False, "recipes": False, "worlds": False}
     for key in ("sd3", "shapeeval", "shapes_source", "recipes", "builtin_shapes", "builtin_arithmetic",
-                "builtin_video", "builtin_tones", "toneeval"):
+                "builtin_video", "builtin_tones", "builtin_palette", "toneeval"):
         assert out[key].startswith(inside), (key, out[key])
-    assert out["models"] == ["arithmetic", "shapes", "shapes-video", "tones"]
+    assert out["models"] == ["arithmetic", "shapes", "shapes-palette", "shapes-video", "tones"]
     assert out["default_in_recipes"] and out["backbone"] == "sd3"
     cli = subprocess.run([str(env / "bin" / "alignkit"), "list", "rewards"], cwd=work, capture_output=True,
                          text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})

@@ -33,10 +33,19 @@ marginal probability has no closed form, so the sum above would not be its log-p
 (masked positions before the step / ``G``), ``entropy`` (summed entropy, in nats, of the tempered
 distributions at the positions the step reveals: the entropy of the step's action) or ``uniform`` (1).
 A deterministic step has scale 0.
+
+**Deterministic steps** (``backbone.options.deterministic_step``): ``argmax`` takes the most likely token at
+each revealed position (greedy decoding: right for short answers, but on image tokens it collapses to the
+background, the most likely value of almost every cell). ``keyed_sample`` draws the revealed tokens from the
+tempered distribution with Gumbel noise keyed by the state and the step index (the Gumbel-max trick with a
+generator seeded from a hash of the row's tokens): a deterministic function of the state, as a flow's ODE step
+is, whose draws are distributed as the stochastic step's. The trunk and the children's continuations of
+TempFlow-GRPO then look like samples, and evaluation is reproducible.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -50,6 +59,7 @@ from alignkit.types import Conditioning
 
 SCHEDULES = ("cosine", "linear")
 SCALES = ("masked_fraction", "entropy", "uniform")
+DETERMINISTIC_STEPS = ("argmax", "keyed_sample")
 FORBIDDEN_LOGIT = -1e9
 """Logit of tokens a step may never reveal (mask, padding): probability exactly 0 in float32."""
 
@@ -122,6 +132,8 @@ class MaskedStep:
         reveal: ``[B, G]`` bool, the positions this step reveals.
         step_scale: ``[B]`` float32 exploration scale (0 for a deterministic step).
         mask_id: the mask token id.
+        mode_noise: ``[B, G, V]`` float32 Gumbel noise added to ``log_probs`` by :meth:`mode`
+            (``deterministic_step=keyed_sample``); None: plain argmax.
     """
 
     state: torch.Tensor
@@ -129,6 +141,7 @@ class MaskedStep:
     reveal: torch.Tensor
     step_scale: torch.Tensor
     mask_id: int
+    mode_noise: torch.Tensor | None = None
 
     @property
     def scale(self) -> torch.Tensor:
@@ -136,11 +149,13 @@ class MaskedStep:
 
     def index(self, rows: torch.Tensor) -> MaskedStep:
         return MaskedStep(self.state[rows], self.log_probs[rows], self.reveal[rows], self.step_scale[rows],
-                          self.mask_id)
+                          self.mask_id, None if self.mode_noise is None else self.mode_noise[rows])
 
     def mode(self) -> torch.Tensor:
-        """Argmax values at the revealed positions, the state elsewhere ``[B, G]``."""
-        return torch.where(self.reveal, self.log_probs.argmax(-1), self.state)
+        """The deterministic step ``[B, G]``: at the revealed positions the argmax of ``log_probs`` (plus
+        ``mode_noise`` when set: a keyed draw), the state elsewhere."""
+        scores = self.log_probs if self.mode_noise is None else self.log_probs.detach() + self.mode_noise
+        return torch.where(self.reveal, scores.argmax(-1), self.state)
 
     def sample(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """Values at the revealed positions drawn from the tempered distributions, row ``b`` with
@@ -192,6 +207,18 @@ class MaskedStep:
         return (per_pos * masked).sum(1) / masked.sum(1).clamp_min(1)
 
 
+def keyed_gumbel(state: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[B, G, V]`` float32 standard Gumbel noise, row ``b`` drawn from a generator seeded by a hash of
+    ``state[b]``'s tokens and ``step[b]`` (on the CPU: the same for a row whatever its batch or device)."""
+    rows = []
+    for tokens, k in zip(state.cpu().tolist(), step.cpu().tolist(), strict=True):
+        digest = hashlib.blake2b(repr((int(k), tokens)).encode(), digest_size=8).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        u = torch.rand(len(tokens), vocab, generator=gen).clamp_(1e-20, 1.0)
+        rows.append(-torch.log(-torch.log(u)))
+    return torch.stack(rows).to(state.device)
+
+
 def entropy(log_probs: torch.Tensor) -> torch.Tensor:
     """``[...]`` entropy in nats of categorical distributions given as ``[..., V]`` log-probabilities."""
     lp = log_probs.double()
@@ -214,10 +241,12 @@ class MaskedDiffusionSampler(Sampler):
         scale: ``masked_fraction``, ``entropy`` or ``uniform`` (see the module docstring).
         schedule: ``cosine`` or ``linear``.
         forbidden: token ids the model may never reveal (mask, padding, ...).
+        deterministic_step: ``argmax`` or ``keyed_sample`` (see the module docstring).
     """
 
     def __init__(self, *, gen_length: int, num_steps: int, mask_id: int, step_kind: str, temperature: float,
-                 scale: str = "masked_fraction", schedule: str = "cosine", forbidden: Sequence[int] = ()) -> None:
+                 scale: str = "masked_fraction", schedule: str = "cosine", forbidden: Sequence[int] = (),
+                 deterministic_step: str = "argmax") -> None:
         rule = STEP_KINDS.get(step_kind)
         if not isinstance(rule, RevealRule):
             raise ValueError(
@@ -228,6 +257,10 @@ class MaskedDiffusionSampler(Sampler):
             raise ValueError(f"backbone.options.scale={scale!r}: use one of {', '.join(SCALES)}")
         if temperature <= 0:
             raise ValueError(f"algo.noise_level={temperature}: the sampling temperature must be > 0 (e.g. 1.0)")
+        if deterministic_step not in DETERMINISTIC_STEPS:
+            raise ValueError(f"backbone.options.deterministic_step={deterministic_step!r}: use one of "
+                             f"{', '.join(DETERMINISTIC_STEPS)}")
+        self.deterministic_step = deterministic_step
         self.rule = rule
         self.gen_length = gen_length
         self.mask_id = mask_id
@@ -280,4 +313,8 @@ class MaskedDiffusionSampler(Sampler):
             scale = torch.ones(state.shape[0], device=state.device)
         else:  # checked in __init__
             raise ValueError(f"backbone.options.scale={self.scale_kind!r}: use one of {', '.join(SCALES)}")
-        return MaskedStep(state=state, log_probs=log_probs, reveal=reveal, step_scale=scale, mask_id=self.mask_id)
+        noise = None
+        if not stochastic and self.deterministic_step == "keyed_sample":
+            noise = keyed_gumbel(state, step.expand(state.shape[0]) if step.dim() == 0 else step, logits.shape[-1])
+        return MaskedStep(state=state, log_probs=log_probs, reveal=reveal, step_scale=scale, mask_id=self.mask_id,
+                          mode_noise=noise)

@@ -19,9 +19,10 @@ Backbone options (``backbone.options``): ``gen_length`` (generated positions, de
 ``schedule`` (``cosine`` / ``linear``), ``end_token`` (the token that fills the generated region after
 the text; default the tokenizer's EOS, else SEP), ``chat_template`` (wrap each prompt as a user turn of the
 tokenizer's chat template, with the assistant header appended: instruction-tuned models such as
-LLaDA-8B-Instruct). ``algo.noise_level`` is the sampling temperature and ``algo.step_kind`` must be
-``masked_confidence`` (see :mod:`alignkit.modalities.discrete.masked`). Evaluation may sample with another
-number of steps (``eval.num_steps``, :meth:`MaskedLMSampler.eval_settings`).
+LLaDA-8B-Instruct), ``deterministic_step`` (``argmax``, greedy, the default; ``keyed_sample``, a draw keyed by
+the state, for image tokens: :mod:`alignkit.modalities.discrete.masked`). ``algo.noise_level`` is the sampling
+temperature and ``algo.step_kind`` must be ``masked_confidence`` (see :mod:`alignkit.modalities.discrete.masked`).
+Evaluation may sample with another number of steps (``eval.num_steps``, :meth:`MaskedLMSampler.eval_settings`).
 
 Trainable weights: LoRA on ``backbone.lora.target_modules`` (peft's ``inject_adapter_in_model``) or,
 with LoRA disabled, the whole model; the reference model for the KL term is the adapter-disabled model
@@ -43,14 +44,20 @@ from alignkit.config import BackboneConfig, ConfigError
 from alignkit.fsdp import module_state
 from alignkit.interfaces import EvalSettings
 from alignkit.modalities.diffusers_common import DTYPES, looks_like_hub_id, resolve_pretrained
-from alignkit.modalities.discrete.masked import SCALES, SCHEDULES, MaskedDiffusionSampler, reveal_schedule
+from alignkit.modalities.discrete.masked import (
+    DETERMINISTIC_STEPS,
+    SCALES,
+    SCHEDULES,
+    MaskedDiffusionSampler,
+    reveal_schedule,
+)
 from alignkit.modalities.policy import PolicyModule, save_peft_adapter
 from alignkit.types import Conditioning
 
 logger = logging.getLogger(__name__)
 
 OPTIONS = {"gen_length": 8, "scale": "masked_fraction", "schedule": "cosine", "end_token": None,
-           "chat_template": False}
+           "chat_template": False, "deterministic_step": "argmax"}
 REMOTE_AUTO_CLASSES = ("AutoModelForMaskedLM", "AutoModelForCausalLM", "AutoModel")
 """Auto classes tried, in order, for a model that ships its own code (the first its ``auto_map`` registers)."""
 
@@ -213,7 +220,8 @@ class MaskedLMSampler(PolicyModule, MaskedDiffusionSampler):
         forbidden = self.forbidden_ids(tokenizer, opts)
         super().__init__(gen_length=int(self.generated_length(opts)[0] or 0), num_steps=cfg.num_steps,
                          mask_id=mask_id, step_kind=step_kind, temperature=noise_level,
-                         scale=opts["scale"], schedule=opts["schedule"], forbidden=forbidden)
+                         scale=opts["scale"], schedule=opts["schedule"], forbidden=forbidden,
+                         deterministic_step=opts["deterministic_step"])
         self.cfg = cfg
         self.chat_template = bool(opts["chat_template"])
         self._device = torch.device(device)
@@ -271,6 +279,10 @@ class MaskedLMSampler(PolicyModule, MaskedDiffusionSampler):
             problems.append(f"{path}.options.scale={opts['scale']!r}: use one of {', '.join(SCALES)}")
         if opts["schedule"] not in SCHEDULES:
             problems.append(f"{path}.options.schedule={opts['schedule']!r}: use one of {', '.join(SCHEDULES)}")
+        if opts["deterministic_step"] not in DETERMINISTIC_STEPS:
+            problems.append(f"{path}.options.deterministic_step={opts['deterministic_step']!r}: use one of "
+                            f"{', '.join(DETERMINISTIC_STEPS)} (keyed_sample: a draw keyed by the state, for image "
+                            "tokens)")
         if cfg.max_sequence_length < 1:
             problems.append(f"{path}.max_sequence_length={cfg.max_sequence_length}: the prompt length must be >= 1")
         if opts["end_token"] is not None and not isinstance(opts["end_token"], str):

@@ -13,17 +13,41 @@ Backbone options: ``grid`` (cells per side, default 8; ``G = grid^2``), ``scale`
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from alignkit.modalities.discrete.mlm import OPTIONS, MaskedLMSampler
 from alignkit.modalities.discrete.tiny import build_tiny_masked_lm, build_word_tokenizer
+from alignkit.worlds.common import shipped_folder
 from alignkit.worlds.shapes.world import BACKGROUND, PALETTE, VOCAB_WORDS
 
 PALETTE_RGB: dict[str, tuple[int, int, int]] = {"white": BACKGROUND, **PALETTE}
 PALETTE_TOKENS: tuple[str, ...] = tuple(f"<{name}>" for name in PALETTE_RGB)
 """The image-token vocabulary, in palette order (index 0 is the background)."""
+WEIGHTS_DIR = Path(__file__).parent / "palette_weights"
+"""The shipped pretrained palette-token masked LM (``save_pretrained`` layout, safetensors)."""
+
+
+def image_tokens(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """Palette indices ``[B, grid * grid]`` (row-major; 0 is the background) of renders ``[B, 3, H, W]`` in [0, 1].
+
+    Every pixel is snapped to its nearest palette colour (L1 distance). A cell is coloured when at least half
+    of its pixels are: with the colour most of its pixels have (ties to the earlier palette colour); otherwise
+    it is background. ``H`` and ``W`` must be multiples of ``grid``.
+    """
+    b, _, h, w = images.shape
+    if h % grid or w % grid:
+        raise ValueError(f"grid={grid}: the image side ({h} x {w}) must be a multiple of the grid")
+    palette = torch.tensor(list(PALETTE_RGB.values()), dtype=images.dtype) / 255.0  # [P, 3]
+    nearest = (images.permute(0, 2, 3, 1)[..., None, :] - palette).abs().sum(-1).argmin(-1)  # [B, H, W]
+    fh, fw = h // grid, w // grid
+    cells = nearest.reshape(b, grid, fh, grid, fw).permute(0, 1, 3, 2, 4).reshape(b, grid * grid, fh * fw)
+    counts = torch.nn.functional.one_hot(cells, len(palette)).sum(-2)  # [B, G, P]
+    coloured = counts[..., 1:]
+    colour = coloured.argmax(-1) + 1
+    return torch.where(2 * coloured.sum(-1) >= fh * fw, colour, torch.zeros_like(colour))
 
 
 class MaskedPaletteSampler(MaskedLMSampler):
@@ -83,3 +107,13 @@ def build_tiny_palette_model(grid: int = 8, *, caption_length: int = 8, seed: in
     model = build_tiny_masked_lm(tokenizer, hidden=hidden, layers=layers, heads=max(1, hidden // 16),
                                  max_positions=caption_length + grid * grid, seed=seed)
     return model, tokenizer
+
+
+def shipped_weights() -> Path:
+    """The pretrained palette-token masked LM shipped with the package.
+
+    Raises:
+        FileNotFoundError: naming the pretraining command when the folder is missing.
+    """
+    return shipped_folder(WEIGHTS_DIR, "config.json", "shapes-world palette-token masked LM",
+                          "python -m alignkit.worlds.shapes.palette_pretrain")
