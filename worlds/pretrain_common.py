@@ -1,4 +1,4 @@
-"""What the shapes worlds' pretraining commands share: captioned batches, the autoencoder loop, the flow loop.
+"""What the worlds' pretraining commands share: captioned batches, the autoencoder, flow and masked diffusion loops.
 
 The image world (:mod:`alignkit.worlds.shapes.pretrain`) and the video world
 (:mod:`alignkit.worlds.moving_shapes.pretrain`) train an autoencoder on rendered samples, then a text-conditioned
@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["caption_batches", "save_pretrained_run", "train_autoencoder", "train_rectified_flow"]
+__all__ = ["caption_batches", "save_pretrained_run", "train_autoencoder", "train_masked_diffusion",
+           "train_rectified_flow"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,57 @@ def train_rectified_flow(
     for m in modules:
         m.eval().requires_grad_(False)
     return ema
+
+
+def train_masked_diffusion(
+    model: torch.nn.Module,
+    batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    *,
+    mask_id: int,
+    steps: int,
+    lr: float,
+    seed: int,
+    warmup: int,
+    allowed: torch.Tensor | None = None,
+    log_every: int = 250,
+) -> tuple[float, float]:
+    """Train a masked LM with the masked diffusion loss; returns the last step's loss and its EMA (0.99).
+
+    Per step: ``batch(gen)`` gives ``(prefix ids [b, L], prefix mask [b, L], target ids [b, G])`` (it may draw from
+    ``gen``, before the masking does); a masking rate ``t ~ U(0, 1)`` per example, each target position masked with
+    probability ``t`` and one more at random (so at least one), cross-entropy on the masked positions (over the
+    ``allowed`` token ids only when given); the prefix is never masked. AdamW (weight decay 1e-2), linear warm-up
+    over ``warmup`` steps then linear decay to 5%, gradients clipped at norm 1. The model is left in eval mode.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps))
+    model.train()
+    loss_value, ema = float("nan"), float("nan")
+    for step in range(steps):
+        ids, pmask, y = batch(gen)
+        b, g = y.shape
+        t = torch.rand(b, 1, generator=gen)  # [b, 1]
+        masked = torch.rand(b, g, generator=gen) < t  # [b, G]
+        masked[torch.arange(b), torch.randint(0, g, (b,), generator=gen)] = True
+        x = torch.where(masked, torch.full_like(y, mask_id), y)
+        logits = model(input_ids=torch.cat([ids, x], 1),
+                       attention_mask=torch.cat([pmask, torch.ones_like(x)], 1)).logits[:, -g:]
+        if allowed is None:
+            loss = F.cross_entropy(logits[masked], y[masked])
+        else:  # over the allowed tokens: the target's index among them
+            loss = F.cross_entropy(logits[masked][:, allowed], (y[masked][:, None] == allowed).int().argmax(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_value = loss.item()
+        ema = loss_value if step == 0 else 0.99 * ema + 0.01 * loss_value
+        if step % log_every == 0 or step == steps - 1:
+            logger.info("step %d/%d loss %.4f (ema %.4f)", step, steps, loss_value, ema)
+    model.eval()
+    return loss_value, ema
 
 
 def save_pretrained_run(pipe: Any, out: Path, info: dict[str, Any], started: float, cpu_started: float,

@@ -35,7 +35,7 @@ distributions at the positions the step reveals: the entropy of the step's actio
 A deterministic step has scale 0.
 
 **Deterministic steps** (``backbone.options.deterministic_step``): ``argmax`` takes the most likely token at
-each revealed position (greedy decoding: right for short answers, but on image tokens it collapses to the
+each revealed position (greedy decoding: right for short answers, but on image tokens it reveals mostly
 background, the most likely value of almost every cell). ``keyed_sample`` draws the revealed tokens from the
 tempered distribution with Gumbel noise keyed by the state and the step index (the Gumbel-max trick with a
 generator seeded from a hash of the row's tokens): a deterministic function of the state, as a flow's ODE step
@@ -315,6 +315,6 @@ class MaskedDiffusionSampler(Sampler):
             raise ValueError(f"backbone.options.scale={self.scale_kind!r}: use one of {', '.join(SCALES)}")
         noise = None
         if not stochastic and self.deterministic_step == "keyed_sample":
-            noise = keyed_gumbel(state, step.expand(state.shape[0]) if step.dim() == 0 else step, logits.shape[-1])
+            noise = keyed_gumbel(state, step, logits.shape[-1])
         return MaskedStep(state=state, log_probs=log_probs, reveal=reveal, step_scale=scale, mask_id=self.mask_id,
                           mode_noise=noise)

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from alignkit.config import BackboneConfig, LoraConfig
 from alignkit.modalities.discrete.mlm import MaskedLMSampler, encode_prefix, encode_targets
@@ -31,6 +30,7 @@ from alignkit.reward_set import RewardSet, RewardTerm
 from alignkit.rewards.text import ExactMatch
 from alignkit.trainer import evaluate
 from alignkit.worlds.arithmetic.world import ANSWER_LENGTH, PROMPT_LENGTH, WEIGHTS_DIR, all_problems, problem_set
+from alignkit.worlds.pretrain_common import train_masked_diffusion
 
 logger = logging.getLogger(__name__)
 
@@ -58,31 +58,14 @@ def pretrain(out: Path, *, steps: int, batch: int, lr: float, seed: int, hidden:
     ids, pmask = encode_prefix(tokenizer, [p.caption() for p in problems], PROMPT_LENGTH, fill=tokenizer.eos_token_id)
     target = encode_targets(tokenizer, [str(p.answer) for p in problems], ANSWER_LENGTH,
                             end_id=tokenizer.eos_token_id)  # [D, G]
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / steps))
-    model.train()
     start = time.perf_counter()
-    loss = torch.tensor(float("nan"))
-    for step in range(steps):
+
+    def draw(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = torch.randint(0, len(problems), (batch,), generator=gen)
-        y = target[rows]  # [b, G]
-        t = torch.rand(batch, 1, generator=gen)  # [b, 1]
-        masked = torch.rand(batch, ANSWER_LENGTH, generator=gen) < t  # [b, G]
-        force = torch.randint(0, ANSWER_LENGTH, (batch,), generator=gen)
-        masked[torch.arange(batch), force] = True
-        x = torch.where(masked, torch.full_like(y, tokenizer.mask_token_id), y)
-        logits = model(input_ids=torch.cat([ids[rows], x], 1),
-                       attention_mask=torch.cat([pmask[rows], torch.ones_like(x)], 1)).logits[:, -ANSWER_LENGTH:]
-        loss = F.cross_entropy(logits[masked], y[masked])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 250 == 0 or step == steps - 1:
-            logger.info("step %d/%d loss %.4f", step, steps, loss.item())
-    model.eval()
+        return ids[rows], pmask[rows], target[rows]
+
+    final_loss, _ = train_masked_diffusion(model, draw, mask_id=tokenizer.mask_token_id, steps=steps, lr=lr,
+                                           seed=seed, warmup=100)
     out.mkdir(parents=True, exist_ok=True)
     save_masked_lm(model, tokenizer, out)
     seconds = time.perf_counter() - start
@@ -90,7 +73,7 @@ def pretrain(out: Path, *, steps: int, batch: int, lr: float, seed: int, hidden:
         "command": f"python -m alignkit.worlds.arithmetic.pretrain --steps {steps} --batch {batch} --lr {lr} "
                    f"--seed {seed} "
                    f"--hidden {hidden} --layers {layers}",
-        "final_loss": float(loss.detach()), "train_seconds": round(seconds, 1),
+        "final_loss": final_loss, "train_seconds": round(seconds, 1),
         "threads": torch.get_num_threads(), "parameters": sum(p.numel() for p in model.parameters()),
         "heldout_problems": len(all_problems("heldout")),
         "heldout_greedy_exact_match": heldout_accuracy(out),

@@ -30,6 +30,15 @@ WEIGHTS_DIR = Path(__file__).parent / "palette_weights"
 """The shipped pretrained palette-token masked LM (``save_pretrained`` layout, safetensors)."""
 
 
+def cell_images(cells: torch.Tensor, grid: int, size: int) -> torch.Tensor:
+    """Images ``[B, 3, size, size]`` of cell colours ``[B, grid * grid, 3]`` (row-major), each cell a square of
+    ``size / grid`` pixels."""
+    b = cells.shape[0]
+    factor = size // grid
+    square = cells.reshape(b, grid, grid, 3).permute(0, 3, 1, 2)  # [B, 3, g, g]
+    return square.repeat_interleave(factor, 2).repeat_interleave(factor, 3).contiguous()
+
+
 def image_tokens(images: torch.Tensor, grid: int) -> torch.Tensor:
     """Palette indices ``[B, grid * grid]`` (row-major; 0 is the background) of renders ``[B, 3, H, W]`` in [0, 1].
 
@@ -89,10 +98,7 @@ class MaskedPaletteSampler(MaskedLMSampler):
 
     def decode(self, state: torch.Tensor) -> torch.Tensor:
         """``[B, G]`` tokens to images ``[B, 3, H, W]`` in [0, 1] (each cell a ``H / grid`` px square)."""
-        b = state.shape[0]
-        cells = self._rgb[state.cpu()].reshape(b, self.grid, self.grid, 3).permute(0, 3, 1, 2)  # [B, 3, g, g]
-        factor = self.cfg.height // self.grid
-        return cells.repeat_interleave(factor, 2).repeat_interleave(factor, 3).contiguous()
+        return cell_images(self._rgb[state.cpu()], self.grid, self.cfg.height)
 
 
 def build_palette_tokenizer() -> Any:
